@@ -1,0 +1,138 @@
+"""Throughput and length reports for the data path (``profile-sampling-speed``, ``profile-seq-len``)."""
+import os
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .config import DataConfig
+from .data import PackedDataset, PackedStream, build_pipeline, packing_config
+from .encoding import FastEncoder, TextEncoder
+from .rng import Rng
+from .sources import Mix
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def _run_stream(mix: Mix, encoder, cfg: DataConfig, n_samples: int) -> dict:
+    stream = PackedStream(mix, encoder, packing_config(cfg), cfg.seed)
+    lengths = []
+    start = time.perf_counter()
+    for batch in stream:
+        lengths += np.diff(batch["cu_seqlens"]).tolist()
+        if stream.stats.samples >= n_samples:
+            break
+    seconds = time.perf_counter() - start
+    s = stream.stats
+    return {"samples": s.samples, "seconds": seconds, "samples_per_s": s.samples / seconds,
+            "tokens_per_s": s.tokens / seconds, "packing_efficiency": s.packing_efficiency,
+            "dropped_samples": s.dropped, "micro_batches": s.micro_batches, "lengths": lengths}
+
+
+def _run_workers(mix: Mix, encoder, cfg: DataConfig, workers: int, n_samples: int) -> dict:
+    dataset = PackedDataset(mix, encoder, packing_config(cfg), cfg.seed, rank=0, num_workers=workers)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+    samples = tokens = 0
+    it = iter(loader)
+    next(it)  # start-up (worker processes, numba compilation) is not throughput
+    start = time.perf_counter()
+    while samples < n_samples:
+        batch = next(it)
+        samples += batch["n_samples"]
+        tokens += batch["input_ids"].numel()
+    seconds = time.perf_counter() - start
+    del it
+    return {"workers": workers, "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds}
+
+
+def _histogram(lengths: list[int], bins: int = 20) -> dict:
+    counts, edges = np.histogram(lengths, bins=bins)
+    return {"counts": counts.tolist(), "edges": edges.round(1).tolist()}
+
+
+def plot_lengths(per_source: dict[str, list[int]], max_tokens: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, lengths in per_source.items():
+        ax.hist(lengths, bins=40, alpha=0.5, label=f"{name} (n={len(lengths)})")
+    ax.axvline(max_tokens, color="k", linestyle="--", label=f"max_tokens={max_tokens}")
+    ax.set_xlabel("sample length (tokens)")
+    ax.set_ylabel("samples")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def profile_sampling_speed(cfg: DataConfig, n_samples: int, n_text_samples: int, workers: list[int],
+                           plot: Path | None, log=print) -> dict:
+    """Fast path vs the reference text path on the same samples, for each source and for the mix."""
+    torch.set_num_threads(1)
+    mix, encoder = build_pipeline(cfg)
+    if not isinstance(encoder, FastEncoder):
+        raise ValueError("profile-sampling-speed compares the fast encoder with the text path; "
+                         f"tokenizer {cfg.tokenizer} rules the fast encoder out")
+    text_encoder = TextEncoder(encoder.tokenizer, encoder.fmt)
+    groups = {spec: replace(cfg, task_sources=[spec]) for spec in cfg.task_sources}
+    if len(cfg.task_sources) > 1:
+        groups["mix"] = cfg
+    report = {"tokenizer": cfg.tokenizer, "max_tokens": cfg.max_tokens, "grid_format": cfg.grid_format,
+              "task_sources": cfg.task_sources, "machine": machine(), "sources": {}}
+    lengths = {}
+    for name, group_cfg in groups.items():
+        group_mix = mix if name == "mix" else Mix([mix.sources[cfg.task_sources.index(name)]], [1.0])
+        _run_stream(group_mix, encoder, group_cfg, 64)  # warm-up: numba compilation, chunk cache
+        fast = _run_stream(group_mix, encoder, group_cfg, n_samples)
+        text = _run_stream(group_mix, text_encoder, group_cfg, n_text_samples)
+        lengths[name] = fast.pop("lengths")
+        text.pop("lengths")
+        entry = {**fast, "text_path_samples_per_s": text["samples_per_s"],
+                 "text_path_tokens_per_s": text["tokens_per_s"],
+                 "speedup_vs_text_path": fast["samples_per_s"] / text["samples_per_s"],
+                 "length_histogram": _histogram(lengths[name]),
+                 "workers": [_run_workers(group_mix, encoder, group_cfg, w, n_samples) for w in workers]}
+        report["sources"][name] = entry
+        log(f"{name}: {entry['samples_per_s']:,.0f} samples/s, {entry['tokens_per_s']:,.0f} tokens/s (1 core); "
+            f"text path {entry['text_path_samples_per_s']:,.0f} samples/s; speedup {entry['speedup_vs_text_path']:.1f}x; "
+            f"packing efficiency {entry['packing_efficiency']:.4f}; dropped {entry['dropped_samples']}; "
+            + "; ".join(f"{w['workers']} workers: {w['samples_per_s']:,.0f} samples/s" for w in entry["workers"]))
+    headline = report["sources"]["mix" if "mix" in report["sources"] else cfg.task_sources[0]]
+    for key in ("samples_per_s", "tokens_per_s", "packing_efficiency", "text_path_samples_per_s",
+                "speedup_vs_text_path", "dropped_samples"):
+        report[key] = headline[key]
+    if plot:
+        plot_lengths(lengths, cfg.max_tokens, plot)
+        report["plot"] = str(plot)
+    return report
+
+
+def profile_seq_len(cfg: DataConfig, n_samples: int, plot: Path | None, log=print) -> dict:
+    """Length percentiles per source, and what share each candidate ``max_tokens`` would drop."""
+    mix, encoder = build_pipeline(cfg)
+    report = {"tokenizer": cfg.tokenizer, "grid_format": cfg.grid_format, "sources": {}}
+    lengths = {}
+    for i, spec in enumerate(cfg.task_sources):
+        rng = Rng.for_block(cfg.seed, 0, 0, i)
+        lens = np.array([len(encoder.encode(mix.sources[i].sample(rng))) for _ in range(n_samples)])
+        lengths[spec] = lens.tolist()
+        entry = {"samples": n_samples, "mean": float(lens.mean()), "max": int(lens.max()),
+                 "percentiles": {str(p): float(np.percentile(lens, p)) for p in (50, 90, 95, 99)},
+                 "dropped_share": {str(m): float((lens > m).mean()) for m in (2048, 4096, 8192, 16384, 32768)}}
+        report["sources"][spec] = entry
+        log(f"{spec}: mean {entry['mean']:.0f}, p50 {entry['percentiles']['50']:.0f}, "
+            f"p95 {entry['percentiles']['95']:.0f}, p99 {entry['percentiles']['99']:.0f}, max {entry['max']}; dropped at "
+            + ", ".join(f"{m}: {100 * s:.1f}%" for m, s in entry["dropped_share"].items()))
+    if plot:
+        plot_lengths(lengths, cfg.max_tokens, plot)
+        report["plot"] = str(plot)
+    return report
