@@ -5,6 +5,7 @@ block's own generators, so any sample can be replayed from its uid alone; a stre
 small JSON-able state (the next uid, the uids waiting in the packing buffer, the bins packed but not yet
 yielded), and restoring it makes a resumed run see exactly the micro-batches of the uninterrupted run.
 """
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -108,9 +109,9 @@ class PackedStream:
                 "ready": [list(b) for b in self.ready], "dropped": self.stats.dropped}
 
     def draw(self, uid: int) -> Sample:
-        """The sample with this uid; uids must be drawn in increasing order within a block."""
+        """The sample with this uid (cheapest when uids come in increasing order)."""
         block = uid // BLOCK
-        if block != self._block:
+        if block != self._block or uid < self._pos:
             self._block, self._rng, self._pos = block, Rng.for_block(*self.key, block), block * BLOCK
         while self._pos < uid:
             self.mix.sample(self._rng)
@@ -121,7 +122,6 @@ class PackedStream:
     def _replay(self, uids: list[int]) -> None:
         for uid in uids:
             self.samples[uid] = self.encoder.encode(self.draw(uid))
-        self._block = -1
 
     def _fill(self) -> None:
         while len(self.buffer) < self.cfg.buffer_size:
@@ -224,7 +224,12 @@ def build_mix(cfg: DataConfig) -> Mix:
     aug = Augmentation(cfg.dihedral, cfg.color_permutation, cfg.keep_background, cfg.shuffle_examples,
                        cfg.train_as_test)
     synthetic = SyntheticConfig(max_calls=cfg.synthetic_max_calls, max_inputs=cfg.synthetic_max_inputs)
-    return load_mix(cfg.task_sources, aug, synthetic, cfg.skip_invalid)
+    mix = load_mix(cfg.task_sources, aug, synthetic, cfg.skip_invalid)
+    for report in mix.reports:
+        if report.skipped:
+            print(f"{report.source}: skipped {len(report.skipped)} invalid task(s), first: {report.skipped[0]}",
+                  file=sys.stderr)
+    return mix
 
 
 def build_encoder(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> Encoder:
