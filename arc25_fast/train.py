@@ -6,6 +6,7 @@ where ``N_global`` (labelled tokens over all micro-batches and ranks) is all-red
 and DeepSpeed's data-parallel gradient average divides by ``world`` again. So the step does not depend on how
 the samples were packed, split into micro-batches or spread over ranks.
 """
+import hashlib
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
@@ -108,10 +110,64 @@ def evaluate(engine, batches: list[dict], device: torch.device) -> dict:
     return {"val_loss": loss / max(tokens, 1), "val_accuracy": correct / max(tokens, 1), "val_tokens": int(tokens)}
 
 
-def train(cfg: TrainConfig) -> list[dict]:
-    """Run training; returns the per-step records (also written to ``metrics.jsonl`` on rank 0)."""
+def optimizer_step(engine, micro: list[dict], lr: float, device: torch.device, world: int,
+                   position: DataPosition | None = None) -> dict:
+    """One optimizer step over this rank's micro-batches; the loss is the mean over the global batch's labels."""
+    local = [float(sum(int((b["labels"] != -100).sum()) for b in micro)),
+             float(sum(b["n_samples"] for b in micro)), float(sum(int(b["cu_seqlens"][-1]) for b in micro)),
+             float(sum(b["input_ids"].numel() for b in micro)),
+             float(sum(int((b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).pow(2).sum()) for b in micro))]
+    n_labels, n_samples, n_tokens, n_positions, sum_sq = _all_reduce(local, device)
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = correct = 0.0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for batch in micro:
+        loss, _, right = engine(**_to_device(batch, device), max_seqlen=batch["max_seqlen"])
+        engine.backward(loss * world / n_labels, scale_wrt_gas=False)
+        engine.step()
+        loss_sum, correct = loss_sum + loss.item(), correct + right.item()
+        if position is not None:
+            position.advance(batch)
+    loss_sum, correct = _all_reduce([loss_sum, correct], device)
+    return {"loss": loss_sum / n_labels, "accuracy": correct / n_labels, "lr": lr, "tokens": int(n_tokens),
+            "samples": int(n_samples), "padding_fraction": 1.0 - n_tokens / n_positions,
+            "sum_sq_lengths": int(sum_sq)}
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, output_dir: Path | None = None,
+                rank: int = 0) -> tuple[nn.Module, PackedCausalLM, str]:
+    """The (adapter-wrapped) model, its packed-loss wrapper on ``device``, and the attention backend used."""
+    dtype = resolve_dtype(cfg.dtype, device)
+    backend = attention.choose_backend(cfg.attn, device)
+    base = load_base_model(cfg.model, vocab_size, dtype, attention.register(backend), cfg.data.seed)
+    if output_dir is not None and is_random_init(cfg.model):  # so the adapter's base model can be loaded again
+        if rank == 0:
+            base.save_pretrained(str(output_dir / "base_model"))
+        base.config.name_or_path = str((output_dir / "base_model").resolve())
+    if cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    model = add_adapter(base, cfg)
+    return model, PackedCausalLM(model, cfg.loss_chunk_tokens).to(device), backend
+
+
+def build_engine(cfg: TrainConfig, packed: PackedCausalLM, device: torch.device, grad_accum: int, world: int):
+    """A DeepSpeed engine; the optimizer is the config's (e.g. CPU Adam for offload) or torch's AdamW."""
     import deepspeed
 
+    ds_config = deepspeed_config(cfg, device, resolve_dtype(cfg.dtype, device), grad_accum, world)
+    params = [p for p in packed.parameters() if p.requires_grad]
+    optimizer = None if "optimizer" in ds_config else torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    engine, _, _, _ = deepspeed.initialize(model=packed, model_parameters=params, optimizer=optimizer,
+                                           config=ds_config)
+    return engine, ds_config
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """Run training; returns the per-step records (also written to ``metrics.jsonl`` on rank 0)."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     rank, world, local_rank = init_distributed(device_type)
     device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
@@ -124,28 +180,12 @@ def train(cfg: TrainConfig) -> list[dict]:
 
     mix, encoder = build_pipeline(cfg.data)
     tokenizer = encoder.tokenizer
-    dtype = resolve_dtype(cfg.dtype, device)
-    backend = attention.choose_backend(cfg.attn, device)
-    base = load_base_model(cfg.model, len(tokenizer), dtype, attention.register(backend), cfg.data.seed)
-    if rank == 0 and is_random_init(cfg.model):  # so the adapter's base model can be loaded again
-        base.save_pretrained(str(output_dir / "base_model"))
-    if is_random_init(cfg.model):
-        base.config.name_or_path = str((output_dir / "base_model").resolve())
-    if cfg.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
-    model = add_adapter(base, cfg)
-    packed = PackedCausalLM(model, cfg.loss_chunk_tokens).to(device)
-
+    model, packed, backend = build_model(cfg, len(tokenizer), device, output_dir, rank)
     grad_accum = resolve_grad_accum(cfg, world, mix, encoder)
-    ds_config = deepspeed_config(cfg, device, dtype, grad_accum, world)
-    params = [p for p in packed.parameters() if p.requires_grad]
-    optimizer = None if "optimizer" in ds_config else torch.optim.AdamW(
-        params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device_type == "cuda")
-    engine, _, _, _ = deepspeed.initialize(model=packed, model_parameters=params, optimizer=optimizer,
-                                           config=ds_config)
+    engine, ds_config = build_engine(cfg, packed, device, grad_accum, world)
     payload = {"config": asdict(cfg), "resolved": {"grad_accum": grad_accum, "world_size": world,
-                                                   "attention": backend, "dtype": str(dtype),
+                                                   "attention": backend,
+                                                   "dtype": str(resolve_dtype(cfg.dtype, device)),
                                                    "encoder": type(encoder).__name__, "deepspeed": ds_config},
                "versions": package_versions()}
     if rank == 0:
@@ -181,40 +221,24 @@ def train(cfg: TrainConfig) -> list[dict]:
         if val_dropped:
             print(f"validation: {val_dropped} samples longer than max_tokens={cfg.data.max_tokens} left out")
 
-    batches = iter(loader)
+    batches, seen = iter(loader), []
     while step < cfg.max_steps:
         t_start = time.perf_counter()
         micro = [next(batches) for _ in range(grad_accum)]
         t_data = time.perf_counter() - t_start
-        local = [float(sum(int((b["labels"] != -100).sum()) for b in micro)),
-                 float(sum(b["n_samples"] for b in micro)), float(sum(int(b["cu_seqlens"][-1]) for b in micro)),
-                 float(sum(b["input_ids"].numel() for b in micro)),
-                 float(sum(int((b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).pow(2).sum()) for b in micro))]
-        n_labels, n_samples, n_tokens, n_positions, sum_sq = _all_reduce(local, device)
-        lr = learning_rate(cfg, step)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = correct = 0.0
-        if device_type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for batch in micro:
-            loss, _, right = engine(**_to_device(batch, device), max_seqlen=batch["max_seqlen"])
-            engine.backward(loss * world / n_labels, scale_wrt_gas=False)
-            engine.step()
-            loss_sum, correct = loss_sum + loss.item(), correct + right.item()
-            position.advance(batch)
-        loss_sum, correct = _all_reduce([loss_sum, correct], device)
+        seen += [hashlib.sha1(b["input_ids"].numpy().tobytes()).hexdigest()[:16] for b in micro]
+        stats = optimizer_step(engine, micro, learning_rate(cfg, step), device, world, position)
         step += 1
         seconds = time.perf_counter() - t_start
-        padding = 1.0 - n_tokens / n_positions  # real sample tokens vs positions computed: 0 when packed
-        record = {"step": step, "loss": loss_sum / n_labels, "accuracy": correct / n_labels, "lr": lr,
+        n_tokens = stats["tokens"]
+        record = {"step": step, "loss": stats["loss"], "accuracy": stats["accuracy"], "lr": stats["lr"],
                   "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": n_tokens / seconds,
-                  "samples_per_s": n_samples / seconds, "padding_fraction": padding, "step_time_s": seconds,
-                  "data_wait_s": t_data, "tokens": int(n_tokens), "samples": int(n_samples),
+                  "samples_per_s": stats["samples"] / seconds, "padding_fraction": stats["padding_fraction"],
+                  "step_time_s": seconds, "data_wait_s": t_data, "tokens": n_tokens, "samples": stats["samples"],
                   "peak_memory_gb": (torch.cuda.max_memory_allocated(device) if device_type == "cuda"
                                      else _rss_bytes()) / 2**30}
         if peak:
-            flops = training_flops(n_params, lm.num_hidden_layers, lm.hidden_size, int(n_tokens), int(sum_sq))
+            flops = training_flops(n_params, lm.num_hidden_layers, lm.hidden_size, n_tokens, stats["sum_sq_lengths"])
             record["mfu"] = flops / seconds / (peak * world)
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             record.update(evaluate(engine, val, device))
@@ -226,14 +250,27 @@ def train(cfg: TrainConfig) -> list[dict]:
             progress.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s") if k in record})
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
             save_checkpoint(engine, model, tokenizer, output_dir, step, rank, {"step": step},
-                            {**position.state(), "num_streams": dataset.num_streams}, payload,
+                            position.state(), payload,
                             cfg.keep_checkpoints)
+    del batches  # stops the DataLoader workers
+    write_rank_summary(output_dir, rank, packed, seen)
     if rank == 0:
         save_hf(model, tokenizer, output_dir / ("adapter" if hasattr(model, "peft_config") else "model"))
         progress.close()
     logger.close()
     dist.barrier()
     return records
+
+
+def write_rank_summary(output_dir: Path, rank: int, packed: nn.Module, seen: list[str]) -> None:
+    """What this rank trained on (a hash per micro-batch) and a hash of its trainable weights, for audits."""
+    digest = hashlib.sha1()
+    for name, p in packed.named_parameters():
+        if p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    summary = {"rank": rank, "micro_batches": seen, "trainable_weights_sha1": digest.hexdigest()}
+    (output_dir / f"rank{rank}_summary.json").write_text(json.dumps(summary))
 
 
 def _rss_bytes() -> int:
