@@ -145,7 +145,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, output_
     if output_dir is not None and is_random_init(cfg.model):  # so the adapter's base model can be loaded again
         if rank == 0:
             base.save_pretrained(str(output_dir / "base_model"))
-        base.config.name_or_path = str((output_dir / "base_model").resolve())
+        base.name_or_path = base.config.name_or_path = str((output_dir / "base_model").resolve())
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
