@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
 from .config import DataConfig
@@ -95,18 +95,23 @@ class PackedStream:
         self.stats = StreamStats()
         self.samples: dict[int, EncodedSample] = {}
         self._block, self._rng = -1, None
-        state = state or {"next_uid": 0, "buffer": [], "ready": [], "dropped": 0}
+        state = state or {"next_uid": 0, "buffer": [], "ready": [], "ready_sizes": [], "dropped": 0}
         if tuple(state.get("key", self.key)) != self.key:
             raise ValueError(f"data state belongs to stream {state['key']}, not {self.key}")
-        self.next_uid = state["next_uid"]
-        self.buffer: list[int] = list(state["buffer"])
-        self.ready: list[list[int]] = [list(b) for b in state["ready"]]
-        self.stats.dropped = state["dropped"]
+        self.next_uid = int(state["next_uid"])
+        self.buffer: list[int] = [int(u) for u in state["buffer"]]
+        ready = [int(u) for u in state["ready"]]
+        ends = np.cumsum(state.get("ready_sizes", [])).tolist()
+        self.ready: list[list[int]] = [ready[a:b] for a, b in zip([0] + ends[:-1], ends)]
+        self.stats.dropped = int(state["dropped"])
         self._replay(sorted(set(self.buffer) | {u for b in self.ready for u in b}))
 
     def state(self) -> dict:
-        return {"key": list(self.key), "next_uid": self.next_uid, "buffer": list(self.buffer),
-                "ready": [list(b) for b in self.ready], "dropped": self.stats.dropped}
+        """The stream's position; arrays, so that passing it with every micro-batch between processes is cheap."""
+        ready = np.fromiter((u for b in self.ready for u in b), dtype=np.int64)
+        return {"key": list(self.key), "next_uid": self.next_uid, "buffer": np.array(self.buffer, dtype=np.int64),
+                "ready": ready, "ready_sizes": np.array([len(b) for b in self.ready], dtype=np.int64),
+                "dropped": self.stats.dropped}
 
     def draw(self, uid: int) -> Sample:
         """The sample with this uid (cheapest when uids come in increasing order)."""
@@ -175,8 +180,21 @@ def to_torch(batch: dict) -> dict:
     return out
 
 
+def as_is(batch: dict) -> dict:
+    """DataLoader ``collate_fn``: numpy arrays cross from workers by pickle, far cheaper than tensors via shared
+    memory for micro-batches this small; ``to_torch`` then wraps them without a copy."""
+    return batch
+
+
+def loader(dataset: "PackedDataset", num_workers: int) -> Iterator[dict]:
+    """Micro-batches as tensors, produced by ``num_workers`` processes (0: in this one)."""
+    batches = DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=as_is,
+                         prefetch_factor=8 if num_workers else None)
+    return map(to_torch, batches)
+
+
 class PackedDataset(IterableDataset):
-    """One ``PackedStream`` per DataLoader worker of this rank.
+    """One ``PackedStream`` per DataLoader worker of this rank; yields numpy micro-batches (see ``loader``).
 
     ``resume`` is what ``DataPosition.state()`` saved: each stream's state and how many micro-batches the trainer
     consumed, so that the DataLoader's round-robin over workers picks up at the same stream as before.
@@ -201,7 +219,7 @@ class PackedDataset(IterableDataset):
         source = PackedStream(self.mix, self.encoder, self.packing, self.seed, self.rank, stream, state)
         for batch in source:
             batch["stream"] = stream
-            yield to_torch(batch)
+            yield batch
 
 
 @dataclass
@@ -217,7 +235,11 @@ class DataPosition:
         self.streams[str(batch["stream"])] = batch["data_state"]
 
     def state(self) -> dict:
-        return {"num_streams": self.num_streams, "consumed": self.consumed, "streams": self.streams}
+        """JSON-able: what a checkpoint stores and ``PackedDataset(resume=...)`` takes."""
+        streams = {k: {n: v.tolist() if hasattr(v, "tolist") else v for n, v in s.items()}
+                   for k, s in self.streams.items()}
+        return {"num_streams": self.num_streams, "consumed": self.consumed, "streams": streams}
+
 
 
 def build_mix(cfg: DataConfig) -> Mix:

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from .config import DataConfig
-from .data import PackedDataset, PackedStream, build_pipeline, packing_config
+from .data import PackedDataset, PackedStream, build_pipeline, loader, packing_config
 from .encoding import FastEncoder, TextEncoder
 from .rng import Rng
 from .sources import Mix
@@ -37,9 +36,8 @@ def _run_stream(mix: Mix, encoder, cfg: DataConfig, n_samples: int) -> dict:
 
 def _run_workers(mix: Mix, encoder, cfg: DataConfig, workers: int, n_samples: int) -> dict:
     dataset = PackedDataset(mix, encoder, packing_config(cfg), cfg.seed, rank=0, num_workers=workers)
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
     samples = tokens = 0
-    it = iter(loader)
+    it = loader(dataset, workers)
     next(it)  # start-up (worker processes, numba compilation) is not throughput
     start = time.perf_counter()
     while samples < n_samples:

@@ -12,7 +12,6 @@ from numba import njit
 from .rng import Rng
 from .tasks import CodeTask
 
-
 LINE, RECTANGLE, HORIZONTAL_LINE, VERTICAL_LINE, PIXEL = range(5)
 NAMES = ("draw_line", "draw_rectangle", "draw_horizontal_line", "draw_vertical_line", "draw_pixel")
 

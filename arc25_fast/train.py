@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
 from .config import TrainConfig, package_versions, save_run_config
-from .data import (DataPosition, PackedDataset, PackedStream, build_pipeline, packing_config, validation_batches)
+from .data import DataPosition, PackedDataset, PackedStream, build_pipeline, loader, packing_config, validation_batches
 from .kernels import attention
 from .metrics import MetricsLogger, peak_flops, training_flops
 from .model import PackedCausalLM, add_adapter, is_random_init, load_base_model, resolve_dtype
@@ -103,8 +102,8 @@ def evaluate(engine, batches: list[dict], device: torch.device) -> dict:
     loss = tokens = correct = 0.0
     with torch.no_grad():
         for batch in batches:
-            l, n, c = engine(**_to_device(batch, device), max_seqlen=batch["max_seqlen"])
-            loss, tokens, correct = loss + l.item(), tokens + n, correct + c.item()
+            batch_loss, n, batch_correct = engine(**_to_device(batch, device), max_seqlen=batch["max_seqlen"])
+            loss, tokens, correct = loss + batch_loss.item(), tokens + n, correct + batch_correct.item()
     engine.train()
     loss, tokens, correct = _all_reduce([loss, tokens, correct], device)
     return {"val_loss": loss / max(tokens, 1), "val_accuracy": correct / max(tokens, 1), "val_tokens": int(tokens)}
@@ -202,8 +201,6 @@ def train(cfg: TrainConfig) -> list[dict]:
                             data_resume)
     position = DataPosition(dataset.num_streams, **({k: data_resume[k] for k in ("consumed", "streams")}
                                                     if data_resume else {}))
-    loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=device_type == "cuda",
-                        prefetch_factor=4 if cfg.num_workers else None, persistent_workers=False)
     val, val_dropped = ([], 0)
     if cfg.eval_every:
         val, val_dropped = validation_batches(cfg.data, cfg.val_source, cfg.val_samples, mix, encoder)
@@ -221,7 +218,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         if val_dropped:
             print(f"validation: {val_dropped} samples longer than max_tokens={cfg.data.max_tokens} left out")
 
-    batches, seen = iter(loader), []
+    batches, seen = loader(dataset, cfg.num_workers), []
     while step < cfg.max_steps:
         t_start = time.perf_counter()
         micro = [next(batches) for _ in range(grad_accum)]

@@ -28,9 +28,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     for start in range(0, len(index), chunk_tokens):
         h, y = hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens]
         if torch.is_grad_enabled():
-            l, c = checkpoint(_chunk, h, weight, bias, y, use_reentrant=False)
+            chunk_loss, chunk_correct = checkpoint(_chunk, h, weight, bias, y, use_reentrant=False)
         else:
-            l, c = _chunk(h, weight, bias, y)
-        loss = loss + l
-        correct = correct + c
+            chunk_loss, chunk_correct = _chunk(h, weight, bias, y)
+        loss = loss + chunk_loss
+        correct = correct + chunk_correct
     return loss, len(index), correct

@@ -7,8 +7,7 @@ from transformers import PreTrainedTokenizerFast
 
 from arc25_fast.config import DataConfig
 from arc25_fast.data import build_encoder
-from arc25_fast.encoding import (FastEncoder, TextEncoder, TokenizerNotSupported, TokenMismatchError,
-                                 verify_token_exact)
+from arc25_fast.encoding import FastEncoder, TextEncoder, TokenizerNotSupported, TokenMismatchError, verify_token_exact
 from arc25_fast.grid_formats import grid_format
 from arc25_fast.rng import Rng
 from arc25_fast.sources import load_mix

@@ -2,12 +2,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from arc25_fast.kernels import attention
+from arc25_fast.kernels.loss import chunked_cross_entropy
 
 from arc25_fast.config import DataConfig, TrainConfig
 from arc25_fast.data import PackedStream, PackingConfig, to_torch
 from arc25_fast.encoding import FastEncoder
-from arc25_fast.kernels import attention
-from arc25_fast.kernels.loss import chunked_cross_entropy
 from arc25_fast.model import PackedCausalLM, load_base_model
 from arc25_fast.train import build_engine, build_model, init_distributed, optimizer_step
 

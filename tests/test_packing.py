@@ -2,11 +2,10 @@
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
-
-from arc25_fast.data import (PackedDataset, PackedStream, PackingConfig, DataPosition, pack_fixed)
-from arc25_fast.encoding import FastEncoder
 from arc25_fast.kernels.packing import best_fit_decreasing
+
+from arc25_fast.data import DataPosition, PackedDataset, PackedStream, PackingConfig, loader, pack_fixed
+from arc25_fast.encoding import FastEncoder
 
 
 @pytest.fixture(scope="module")
@@ -103,18 +102,18 @@ def test_exact_resume_of_a_stream(default_mix, encoder):
 def test_exact_resume_through_dataloader_workers(default_mix, encoder, workers, cut):
     cfg = PackingConfig(max_tokens=4096, buffer_size=64)
 
-    def loader(resume=None):
+    def batches(resume=None):
         ds = PackedDataset(default_mix, encoder, cfg, seed=0, rank=0, num_workers=workers, resume=resume)
-        return iter(DataLoader(ds, batch_size=None, num_workers=workers))
+        return loader(ds, workers)
 
-    full = [next(it) for it in [loader()] for _ in range(cut + 6)]
+    full = [next(it) for it in [batches()] for _ in range(cut + 6)]
     assert len({b["stream"] for b in full}) == max(workers, 1)
     position = DataPosition(max(workers, 1))
-    it = loader()
+    it = batches()
     for _ in range(cut):
         position.advance(next(it))
     del it
-    resumed_it = loader(position.state())
+    resumed_it = batches(position.state())
     resumed = [next(resumed_it) for _ in range(6)]
     for a, b in zip(full[cut:], resumed):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
