@@ -35,7 +35,7 @@ def load_base_model(name: str, vocab_size: int, dtype: torch.dtype, attn_impleme
                     seed: int = 0) -> PreTrainedModel:
     """``tiny``, a ``config.json`` (random weights of that shape), a local directory or a hub id."""
     if is_random_init(name):
-        config = tiny_config(vocab_size) if name == "tiny" else AutoConfig.from_pretrained(str(Path(name).parent))
+        config = tiny_config(vocab_size) if name == "tiny" else AutoConfig.from_pretrained(name)
         config.vocab_size = max(config.vocab_size, vocab_size)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)

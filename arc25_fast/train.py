@@ -218,6 +218,8 @@ def train(cfg: TrainConfig) -> list[dict]:
         if val_dropped:
             print(f"validation: {val_dropped} samples longer than max_tokens={cfg.data.max_tokens} left out")
 
+    if cfg.eval_every and step == 0:  # the starting point of the validation curve
+        logger.log({"step": 0, **evaluate(engine, val, device)})
     batches, seen = loader(dataset, cfg.num_workers), []
     while step < cfg.max_steps:
         t_start = time.perf_counter()

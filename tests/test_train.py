@@ -38,7 +38,9 @@ def test_run_writes_metrics_config_checkpoints_and_adapter(lora_run):
     out, records = lora_run
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    assert [r["step"] for r in lines] == [0, 1, 2, 3, 4] and set(lines[0]) == {"step", "val_loss", "val_accuracy",
+                                                                                  "val_tokens"}
+    lines = lines[1:]
     for r in lines:
         for key in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "padding_fraction", "step_time_s",
                     "data_wait_s", "peak_memory_gb"):
@@ -117,6 +119,7 @@ def test_two_process_zero2_on_cpu(tmp_path):
     assert len(ranks[0]["micro_batches"]) == len(ranks[1]["micro_batches"]) == 6
     assert not set(ranks[0]["micro_batches"]) & set(ranks[1]["micro_batches"])  # distinct data per rank
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 3 and all(m["loss"] > 0 for m in metrics) and "val_loss" in metrics[-1]
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3] and "val_loss" in metrics[0] and "val_loss" in metrics[-1]
+    assert all(m["loss"] > 0 and m["padding_fraction"] == 0.0 for m in metrics[1:])
     assert json.loads((out / "config.json").read_text())["resolved"]["world_size"] == 2
     assert sys.executable  # launched with the same environment
