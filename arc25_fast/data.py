@@ -44,11 +44,11 @@ class StreamStats:
     tokens: int = 0
     micro_batches: int = 0
     dropped: int = 0
-    fill: list[float] = field(default_factory=list)
+    fill_sum: float = 0.0  # sum over micro-batches of real tokens / max_tokens
 
     @property
     def packing_efficiency(self) -> float:
-        return float(np.mean(self.fill)) if self.fill else 0.0
+        return self.fill_sum / self.micro_batches if self.micro_batches else 0.0
 
 
 def micro_batch(samples: list[EncodedSample]) -> dict:
@@ -157,7 +157,7 @@ class PackedStream:
             self.stats.samples += len(samples)
             self.stats.tokens += n
             self.stats.micro_batches += 1
-            self.stats.fill.append(n / self.cfg.max_tokens)
+            self.stats.fill_sum += n / self.cfg.max_tokens
             batch["n_samples"] = len(samples)
             batch["uids"] = np.array(uids, dtype=np.int64)
             batch["data_state"] = self.state()
