@@ -241,7 +241,6 @@ class DataPosition:
         return {"num_streams": self.num_streams, "consumed": self.consumed, "streams": streams}
 
 
-
 def build_mix(cfg: DataConfig) -> Mix:
     aug = Augmentation(cfg.dihedral, cfg.color_permutation, cfg.keep_background, cfg.shuffle_examples,
                        cfg.train_as_test)

@@ -220,12 +220,13 @@ def train(cfg: TrainConfig) -> list[dict]:
 
     if cfg.eval_every and step == 0:  # the starting point of the validation curve
         logger.log({"step": 0, **evaluate(engine, val, device)})
-    batches, seen = loader(dataset, cfg.num_workers), []
+    batches, seen = loader(dataset, cfg.num_workers), micro_batch_log(output_dir, rank, position.consumed)
     while step < cfg.max_steps:
         t_start = time.perf_counter()
         micro = [next(batches) for _ in range(grad_accum)]
         t_data = time.perf_counter() - t_start
-        seen += [hashlib.sha1(b["input_ids"].numpy().tobytes()).hexdigest()[:16] for b in micro]
+        seen.writelines(hashlib.sha1(b["input_ids"].numpy().tobytes()).hexdigest()[:16] + "\n" for b in micro)
+        seen.flush()
         stats = optimizer_step(engine, micro, learning_rate(cfg, step), device, world, position)
         step += 1
         seconds = time.perf_counter() - t_start
@@ -252,7 +253,8 @@ def train(cfg: TrainConfig) -> list[dict]:
                             position.state(), payload,
                             cfg.keep_checkpoints)
     del batches  # stops the DataLoader workers
-    write_rank_summary(output_dir, rank, packed, seen)
+    seen.close()
+    write_rank_summary(output_dir, rank, packed, position.consumed)
     if rank == 0:
         save_hf(model, tokenizer, output_dir / ("adapter" if hasattr(model, "peft_config") else "model"))
         progress.close()
@@ -261,14 +263,25 @@ def train(cfg: TrainConfig) -> list[dict]:
     return records
 
 
-def write_rank_summary(output_dir: Path, rank: int, packed: nn.Module, seen: list[str]) -> None:
-    """What this rank trained on (a hash per micro-batch) and a hash of its trainable weights, for audits."""
+def micro_batch_log(output_dir: Path, rank: int, consumed: int):
+    """Append-only ``rank{r}_micro_batches.txt``: a hash of each micro-batch this rank trained on, for audits.
+
+    On resume the lines past the checkpoint (``consumed`` micro-batches) are dropped, as those steps are redone.
+    """
+    path = output_dir / f"rank{rank}_micro_batches.txt"
+    kept = path.read_text().splitlines()[:consumed] if consumed and path.exists() else []
+    path.write_text("".join(line + "\n" for line in kept))
+    return open(path, "a")
+
+
+def write_rank_summary(output_dir: Path, rank: int, packed: nn.Module, micro_batches: int) -> None:
+    """How many micro-batches this rank trained on and a hash of its final trainable weights, for audits."""
     digest = hashlib.sha1()
     for name, p in packed.named_parameters():
         if p.requires_grad:
             digest.update(name.encode())
             digest.update(p.detach().float().cpu().numpy().tobytes())
-    summary = {"rank": rank, "micro_batches": seen, "trainable_weights_sha1": digest.hexdigest()}
+    summary = {"rank": rank, "micro_batches": micro_batches, "trainable_weights_sha1": digest.hexdigest()}
     (output_dir / f"rank{rank}_summary.json").write_text(json.dumps(summary))
 
 
