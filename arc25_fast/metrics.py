@@ -1,9 +1,17 @@
-"""Metrics: per-step records to a progress bar, ``metrics.jsonl`` and (optionally) Weights & Biases."""
+"""Metrics: per-step records to ``metrics.jsonl`` and (optionally) Weights & Biases; FLOPs that were computed.
+
+MFU counts the work a step really does (see docs/BENCHMARKS.md): per real token, 2 FLOPs per weight forward and
+2 more backward for the activations' gradient, plus 2 for the weight's own gradient only when it is trained
+(6N trained, 4N frozen); the LM head only on labelled tokens, as the chunked loss projects only those; causal
+attention from the sum of squared sample lengths. The embedding lookup costs nothing; recomputation is not counted.
+"""
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
@@ -15,25 +23,68 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def training_flops(n_params: int, n_layers: int, hidden: int, tokens: int, sum_sq_lengths: int) -> float:
-    """Forward + backward FLOPs: 6 per parameter per token, plus causal attention within each sample."""
-    return 6.0 * n_params * tokens + 6.0 * n_layers * hidden * sum_sq_lengths
+@dataclass(frozen=True)
+class FlopModel:
+    """FLOPs of one training step as ``per_token * tokens + per_label * labels + per_square * sum(L_i^2)``."""
+
+    per_token: float
+    per_label: float
+    per_square: float
+
+    def step(self, tokens: int, labels: int, sum_sq_lengths: int) -> float:
+        return self.per_token * tokens + self.per_label * labels + self.per_square * sum_sq_lengths
+
+    @classmethod
+    def of(cls, packed: nn.Module) -> "FlopModel":
+        lm = packed.causal_lm
+        head = lm.get_output_embeddings()
+        head_weight = head.get_base_layer().weight if hasattr(head, "get_base_layer") else head.weight
+        embedding = lm.get_input_embeddings()
+        embedding_weight = embedding.get_base_layer().weight if hasattr(embedding, "get_base_layer") else \
+            embedding.weight
+        head_prefix = next(n for n, m in lm.named_modules() if m is head) + "."
+        embedding_prefix = next(n for n, m in lm.named_modules() if m is embedding) + "."
+        per_token = per_label = 0.0
+        for name, p in lm.named_parameters():
+            if p is head_weight or p is embedding_weight or p.dim() < 2 or name.startswith(embedding_prefix):
+                continue  # lookups (and the small LoRA on them) cost next to nothing
+            if name.startswith(head_prefix):
+                per_label += (6.0 if p.requires_grad else 4.0) * p.numel()
+            else:
+                per_token += (6.0 if p.requires_grad else 4.0) * p.numel()
+        per_label += (6.0 if head_weight.requires_grad else 4.0) * head_weight.numel()
+        cfg = lm.config
+        heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        per_square = 6.0 * cfg.num_hidden_layers * heads * head_dim  # causal: half of 2 matmuls x (fwd + 2 bwd)
+        return cls(per_token, per_label, per_square)
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, enabled: bool, use_wandb: bool, project: str, config: dict, resume: bool):
+    """Rank 0 appends one JSON line per logged step; on resume, rows past the checkpoint's step are dropped first
+    (those steps are redone), so ``metrics.jsonl`` never holds a step twice."""
+
+    def __init__(self, output_dir: Path, enabled: bool, use_wandb: bool, project: str, config: dict,
+                 resume_step: int | None):
         self.enabled = enabled
         self.wandb = None
         self.file = None
         if not enabled:
             return
-        self.file = open(output_dir / "metrics.jsonl", "a" if resume else "w")
+        path = output_dir / "metrics.jsonl"
+        kept = []
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a")
         if use_wandb:
             import wandb
 
             mode = "online" if (os.environ.get("WANDB_API_KEY") or _wandb_logged_in()) else "offline"
             self.wandb = wandb.init(project=project, config=config, dir=str(output_dir), mode=mode,
-                                    resume="allow" if resume else None, settings=wandb.Settings(silent=True))
+                                    resume="allow" if resume_step is not None else None,
+                                    settings=wandb.Settings(silent=True))
 
     def log(self, record: dict) -> None:
         if not self.enabled:

@@ -9,10 +9,11 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .data import PackedDataset, PackedStream, build_pipeline, loader, packing_config
 from .encoding import FastEncoder, TextEncoder
+from .pipeline import build_pipeline, packing_config
 from .rng import Rng
 from .sources import Mix
+from .stream import PackedDataset, PackedStream, loader
 
 
 def machine() -> str:

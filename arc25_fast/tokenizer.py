@@ -4,6 +4,7 @@ The tiny tokenizer is a byte-level BPE with Qwen2's pre-tokenizer (every digit i
 ChatML chat template. It is built by ``python -m arc25_fast.tokenizer`` from prompts the project renders itself,
 and shipped in ``arc25_fast/assets/tiny-tokenizer`` so that runs need no download.
 """
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +23,18 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def load_tokenizer(name: str = TINY) -> PreTrainedTokenizerBase:
-    """``tiny`` (offline default), a local directory, or a hub id."""
+    """``tiny`` (offline default), a local directory, or a hub id; a failure is one line naming the tokenizer."""
     if name == TINY:
         return PreTrainedTokenizerFast.from_pretrained(str(TINY_PATH))
-    return AutoTokenizer.from_pretrained(name)
+    local = name.startswith((".", "/", "~")) or os.path.exists(name)
+    path = os.path.expanduser(name)
+    if local and not os.path.isdir(path):
+        raise ValueError(f"tokenizer {name}: no such directory")
+    try:
+        return AutoTokenizer.from_pretrained(path if local else name)
+    except (OSError, ValueError) as e:
+        where = "local tokenizer directory" if local else "hub tokenizer (offline or unknown id?)"
+        raise ValueError(f"tokenizer {name}: cannot load it as a {where}: {str(e).strip().splitlines()[0]}") from None
 
 
 def build_tiny_tokenizer(corpus: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:

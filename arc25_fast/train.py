@@ -1,49 +1,56 @@
-"""The training loop: config -> data -> model -> DeepSpeed engine -> metrics and checkpoints.
+"""The training loop: DeepSpeed engine, packed micro-batches, loss normalised over the global batch.
 
-One optimizer step takes ``grad_accum`` packed micro-batches on every rank. Its loss is the mean over all labelled
-(answer) tokens of the global batch: each micro-batch contributes ``sum of token losses * world / N_global``,
-where ``N_global`` (labelled tokens over all micro-batches and ranks) is all-reduced before the backward passes,
-and DeepSpeed's data-parallel gradient average divides by ``world`` again. So the step does not depend on how
-the samples were packed, split into micro-batches or spread over ranks.
+Loss normalisation: each micro-batch returns the *sum* of its token losses. The optimizer step must see the mean
+over every labelled token of the global batch (all micro-batches of all ranks). DeepSpeed divides the loss by
+``gradient_accumulation_steps`` unless told not to (``scale_wrt_gas=False``), and averages gradients over ranks. So
+the backward pass uses ``loss_sum * world / n_labels_global``, where ``n_labels_global`` (the labelled tokens over
+all micro-batches and ranks, known on the host from the data) is all-reduced before the backward passes, and
+DeepSpeed's data-parallel gradient average divides by ``world`` again. So the step does not depend on how the
+samples were packed, split into micro-batches or spread over ranks.
+
+Host syncs: one all-reduce of host counts before a step and one of the device-side loss statistics after it;
+nothing reads a device value back per micro-batch.
 """
 import hashlib
 import json
 import math
 import os
-import socket
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
-from .config import TrainConfig, package_versions, save_run_config
-from .data import DataPosition, PackedDataset, PackedStream, build_pipeline, loader, packing_config, validation_batches
+from .checkpoint import load_newest, save_checkpoint, save_hf
+from .config import ConfigError, TrainConfig, package_versions, save_run_config
+from .engine import all_reduce, barrier, build_engine, init_distributed
+from .faults import EXIT_NON_FINITE, EXIT_PREEMPTED, NonFiniteSteps, RunStopped, StopSignals
 from .kernels import attention
-from .metrics import MetricsLogger, peak_flops, training_flops
-from .model import PackedCausalLM, add_adapter, is_random_init, load_base_model, resolve_dtype
-
-DS_CONFIGS = Path(__file__).parent / "ds_configs"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .logs import note, set_progress_bar, setup_logging
+from .metrics import FlopModel, MetricsLogger, peak_flops
+from .model import PackedCausalLM, add_adapter, check_packed_model, is_random_init, load_base_model, resolve_dtype
+from .pipeline import build_pipeline, packing_config
+from .preflight import preflight
+from .stream import DataPosition, PackedDataset, PackedStream, loader
+from .validation import evaluate_loss, model_inputs, validation_batches
 
 
-def init_distributed(device_type: str) -> tuple[int, int, int]:
-    """Join the process group the launcher set up, or make a one-process group (``arc25-fast train``)."""
-    import deepspeed
-
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", auto_mpi_discovery=False)
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+def set_threads(requested: int, num_workers: int) -> int:
+    """torch threads of this rank: ``requested``, or OMP_NUM_THREADS when set, or this node's cores shared by its
+    ranks, less one per data worker beyond the first (a worker mostly waits, but a second one competes)."""
+    if requested:
+        threads = requested
+    elif "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    else:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // local_ranks - max(0, num_workers - 1))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -55,9 +62,7 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     if cfg.lr_schedule == "linear":
         return cfg.lr * (1.0 - progress)
-    if cfg.lr_schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown lr schedule {cfg.lr_schedule!r}: use cosine, linear or constant")
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def resolve_grad_accum(cfg: TrainConfig, world: int, mix, encoder) -> int:
@@ -75,76 +80,59 @@ def resolve_grad_accum(cfg: TrainConfig, world: int, mix, encoder) -> int:
     return cfg.grad_accum
 
 
-def deepspeed_config(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, grad_accum: int, world: int) -> dict:
-    path = Path(cfg.ds_config) if cfg.ds_config else DS_CONFIGS / ("zero2.json" if device.type == "cuda" else "cpu.json")
-    ds = json.loads(path.read_text())
-    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=grad_accum,
-              train_batch_size=grad_accum * world, gradient_clipping=cfg.grad_clip)
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": dtype == torch.bfloat16}
-    if "optimizer" in ds:
-        ds["optimizer"].setdefault("params", {}).update(lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return ds
-
-
-def _all_reduce(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "position_ids", "labels", "cu_seqlens")}
-
-
-def evaluate(engine, batches: list[dict], device: torch.device) -> dict:
-    """Teacher-forced loss and answer-token accuracy on this rank's share of the validation set, reduced."""
-    engine.eval()
-    loss = tokens = correct = 0.0
-    with torch.no_grad():
-        for batch in batches:
-            batch_loss, n, batch_correct = engine(**_to_device(batch, device), max_seqlen=batch["max_seqlen"])
-            loss, tokens, correct = loss + batch_loss.item(), tokens + n, correct + batch_correct.item()
-    engine.train()
-    loss, tokens, correct = _all_reduce([loss, tokens, correct], device)
-    return {"val_loss": loss / max(tokens, 1), "val_accuracy": correct / max(tokens, 1), "val_tokens": int(tokens)}
-
-
 def optimizer_step(engine, micro: list[dict], lr: float, device: torch.device, world: int,
-                   position: DataPosition | None = None) -> dict:
-    """One optimizer step over this rank's micro-batches; the loss is the mean over the global batch's labels."""
-    local = [float(sum(int((b["labels"] != -100).sum()) for b in micro)),
-             float(sum(b["n_samples"] for b in micro)), float(sum(int(b["cu_seqlens"][-1]) for b in micro)),
-             float(sum(b["input_ids"].numel() for b in micro)),
-             float(sum(int((b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).pow(2).sum()) for b in micro))]
-    n_labels, n_samples, n_tokens, n_positions, sum_sq = _all_reduce(local, device)
+                   position: DataPosition | None = None, stop_requested: bool = False) -> dict:
+    """One optimizer step over this rank's micro-batches; the loss is the mean over the global batch's labels.
+
+    A non-finite micro-batch loss turns that micro-batch's gradient into NaN (on the device, no sync), so DeepSpeed's
+    check of the global gradient norm skips the whole step on every rank: weights and optimizer state stay as they
+    were. ``stop_requested`` (a signal on this rank) is reduced with the step's statistics, so all ranks agree.
+    """
+    lengths = [np.diff(b["cu_seqlens"].numpy()) for b in micro]
+    local = [sum(b["n_labels"] for b in micro), sum(b["n_samples"] for b in micro),
+             sum(int(x.sum()) for x in lengths), sum(b["input_ids"].numel() for b in micro),
+             sum(int((x.astype(np.int64) ** 2).sum()) for x in lengths)]
+    n_labels, n_samples, n_tokens, n_positions, sum_sq = all_reduce(local, device, "the step's token counts")
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-    loss_sum = correct = 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    totals = torch.zeros(7, dtype=torch.float64, device=device)  # loss, 5 stats, stop flag
+    normaliser = world / n_labels
     for batch in micro:
-        loss, _, right = engine(**_to_device(batch, device), max_seqlen=batch["max_seqlen"])
-        engine.backward(loss * world / n_labels, scale_wrt_gas=False)
+        loss, stats = engine(**model_inputs(batch, device))
+        poison = torch.where(torch.isfinite(loss), 1.0, float("nan"))
+        engine.backward(loss * (poison * normaliser), scale_wrt_gas=False)
         engine.step()
-        loss_sum, correct = loss_sum + loss.item(), correct + right.item()
+        totals[0] += loss.detach().double()
+        totals[1:6] += stats
         if position is not None:
             position.advance(batch)
-    loss_sum, correct = _all_reduce([loss_sum, correct], device)
-    return {"loss": loss_sum / n_labels, "accuracy": correct / n_labels, "lr": lr, "tokens": int(n_tokens),
-            "samples": int(n_samples), "padding_fraction": 1.0 - n_tokens / n_positions,
-            "sum_sq_lengths": int(sum_sq)}
+    totals[6] = float(stop_requested)
+    loss_sum, _, correct, answer_loss, answer_n, answer_correct, stop = all_reduce(totals, device, "the step's loss")
+    grad_norm = engine.get_global_grad_norm()
+    return {"loss": loss_sum / n_labels, "accuracy": correct / n_labels, "answer_loss": answer_loss / max(answer_n, 1),
+            "lr": lr, "grad_norm": float("nan") if grad_norm is None else float(grad_norm), "tokens": int(n_tokens),
+            "samples": int(n_samples), "labels": int(n_labels), "padding_fraction": 1.0 - n_tokens / n_positions,
+            "sum_sq_lengths": int(sum_sq), "stop": stop > 0}
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, output_dir: Path | None = None,
                 rank: int = 0) -> tuple[nn.Module, PackedCausalLM, str]:
-    """The (adapter-wrapped) model, its packed-loss wrapper on ``device``, and the attention backend used."""
+    """The (adapter-wrapped) model, its packed-loss wrapper on ``device``, and the attention backend used.
+
+    The base model is checked against its own per-sample outputs before anything trains (``check_packed_model``).
+    """
     dtype = resolve_dtype(cfg.dtype, device)
     backend = attention.choose_backend(cfg.attn, device)
-    base = load_base_model(cfg.model, vocab_size, dtype, attention.register(backend), cfg.data.seed)
+    key = attention.register(backend)
+    base = load_base_model(cfg.model, vocab_size, dtype, key, cfg.data.seed)
     if output_dir is not None and is_random_init(cfg.model):  # so the adapter's base model can be loaded again
         if rank == 0:
             base.save_pretrained(str(output_dir / "base_model"))
         base.name_or_path = base.config.name_or_path = str((output_dir / "base_model").resolve())
+    base.to(device)
+    check_packed_model(base, key)
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
@@ -152,30 +140,26 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, output_
     return model, PackedCausalLM(model, cfg.loss_chunk_tokens).to(device), backend
 
 
-def build_engine(cfg: TrainConfig, packed: PackedCausalLM, device: torch.device, grad_accum: int, world: int):
-    """A DeepSpeed engine; the optimizer is the config's (e.g. CPU Adam for offload) or torch's AdamW."""
-    import deepspeed
-
-    ds_config = deepspeed_config(cfg, device, resolve_dtype(cfg.dtype, device), grad_accum, world)
-    params = [p for p in packed.parameters() if p.requires_grad]
-    optimizer = None if "optimizer" in ds_config else torch.optim.AdamW(
-        params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    engine, _, _, _ = deepspeed.initialize(model=packed, model_parameters=params, optimizer=optimizer,
-                                           config=ds_config)
-    return engine, ds_config
+def weights_finite(packed: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in packed.parameters() if p.requires_grad)
 
 
 def train(cfg: TrainConfig) -> list[dict]:
-    """Run training; returns the per-step records (also written to ``metrics.jsonl`` on rank 0)."""
+    """Run training; returns the per-step records (also written to ``metrics.jsonl`` on rank 0).
+
+    Raises ``RunStopped`` (with an exit code) when a signal or non-finite steps stop the run early.
+    """
+    started = time.perf_counter()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    rank, world, local_rank = init_distributed(device_type)
+    rank, world, local_rank = init_distributed(device_type, cfg.collective_timeout)
     device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
     if device_type == "cuda":
         torch.cuda.set_device(device)
+    threads = set_threads(cfg.threads, cfg.num_workers)
+    checks = preflight(cfg, device, world, rank)
+    barrier("the checks before training")
     output_dir = Path(cfg.output_dir)
-    checkpoint = latest_checkpoint(output_dir) if cfg.resume else None
-    if cfg.resume and checkpoint is None and rank == 0:
-        print(f"no checkpoint in {output_dir}/checkpoints: starting from scratch")
+    setup_logging(output_dir, cfg.verbose, rank)
 
     mix, encoder = build_pipeline(cfg.data)
     tokenizer = encoder.tokenizer
@@ -183,7 +167,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     grad_accum = resolve_grad_accum(cfg, world, mix, encoder)
     engine, ds_config = build_engine(cfg, packed, device, grad_accum, world)
     payload = {"config": asdict(cfg), "resolved": {"grad_accum": grad_accum, "world_size": world,
-                                                   "attention": backend,
+                                                   "attention": backend, "torch_threads": threads,
                                                    "dtype": str(resolve_dtype(cfg.dtype, device)),
                                                    "encoder": type(encoder).__name__, "deepspeed": ds_config},
                "versions": package_versions()}
@@ -191,76 +175,144 @@ def train(cfg: TrainConfig) -> list[dict]:
         save_run_config(cfg, output_dir, {k: v for k, v in payload.items() if k != "config"})
 
     step, data_resume = 0, None
-    if checkpoint is not None:
-        trainer_state, data_resume = load_checkpoint(engine, checkpoint, rank)
+    if checks.checkpoints:
+        checkpoint, trainer_state, data_resume, skipped = load_newest(engine, checks.checkpoints, rank, device)
+        for line in skipped:
+            note(f"resume: skipping {line}", rank)
+        if checkpoint is None:
+            raise ConfigError(f"--resume: none of the checkpoints in {output_dir / 'checkpoints'} could be loaded; "
+                              "use --overwrite to start again")
         step = trainer_state["step"]
-        if rank == 0:
-            print(f"resumed from {checkpoint} at step {step}")
+        note(f"resumed from {checkpoint} at step {step}", rank)
 
     dataset = PackedDataset(mix, encoder, packing_config(cfg.data), cfg.data.seed, rank, cfg.num_workers,
                             data_resume)
     position = DataPosition(dataset.num_streams, **({k: data_resume[k] for k in ("consumed", "streams")}
                                                     if data_resume else {}))
-    val, val_dropped = ([], 0)
+    val = []
     if cfg.eval_every:
         val, val_dropped = validation_batches(cfg.data, cfg.val_source, cfg.val_samples, mix, encoder)
         val = val[rank::world]
-    logger = MetricsLogger(output_dir, rank == 0, cfg.wandb, cfg.wandb_project, payload, checkpoint is not None)
-    lm = packed.causal_lm.config
-    n_params = sum(p.numel() for p in packed.parameters())
-    peak = peak_flops(device)
-    records = []
+        if val_dropped:
+            note(f"validation: {val_dropped} samples longer than max_tokens={cfg.data.max_tokens} left out", rank)
+    logger = MetricsLogger(output_dir, rank == 0, cfg.wandb, cfg.wandb_project, payload,
+                           step if checks.checkpoints else None)
+    flops, peak = FlopModel.of(packed), peak_flops(device)
     progress = None
     if rank == 0:
         from tqdm import tqdm
 
         progress = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True)
-        if val_dropped:
-            print(f"validation: {val_dropped} samples longer than max_tokens={cfg.data.max_tokens} left out")
+        set_progress_bar(progress)
 
+    records, last_val = [], {}
     if cfg.eval_every and step == 0:  # the starting point of the validation curve
-        logger.log({"step": 0, **evaluate(engine, val, device)})
+        last_val = evaluate_loss(engine, val, device)
+        logger.log({"step": 0, **last_val})
     batches, seen = loader(dataset, cfg.num_workers), micro_batch_log(output_dir, rank, position.consumed)
-    while step < cfg.max_steps:
-        t_start = time.perf_counter()
-        micro = [next(batches) for _ in range(grad_accum)]
-        t_data = time.perf_counter() - t_start
-        seen.writelines(hashlib.sha1(b["input_ids"].numpy().tobytes()).hexdigest()[:16] + "\n" for b in micro)
-        seen.flush()
-        stats = optimizer_step(engine, micro, learning_rate(cfg, step), device, world, position)
-        step += 1
-        seconds = time.perf_counter() - t_start
-        n_tokens = stats["tokens"]
-        record = {"step": step, "loss": stats["loss"], "accuracy": stats["accuracy"], "lr": stats["lr"],
-                  "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": n_tokens / seconds,
-                  "samples_per_s": stats["samples"] / seconds, "padding_fraction": stats["padding_fraction"],
-                  "step_time_s": seconds, "data_wait_s": t_data, "tokens": n_tokens, "samples": stats["samples"],
-                  "peak_memory_gb": (torch.cuda.max_memory_allocated(device) if device_type == "cuda"
-                                     else _rss_bytes()) / 2**30}
-        if peak:
-            flops = training_flops(n_params, lm.num_hidden_layers, lm.hidden_size, n_tokens, stats["sum_sq_lengths"])
-            record["mfu"] = flops / seconds / (peak * world)
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            record.update(evaluate(engine, val, device))
-        records.append(record)
-        if step % cfg.log_every == 0 or "val_loss" in record:
-            logger.log(record)
+    bad = NonFiniteSteps(cfg.max_bad_steps)
+    saved_step, stop = step if checks.checkpoints else None, None
+    try:
+        with StopSignals() as signals:
+            while step < cfg.max_steps:
+                t_start = time.perf_counter()
+                micro = [next(batches) for _ in range(grad_accum)]
+                t_data = time.perf_counter() - t_start
+                seen.writelines(hashlib.sha1(b["input_ids"].numpy().tobytes()).hexdigest()[:16] + "\n" for b in micro)
+                seen.flush()
+                stats = optimizer_step(engine, micro, learning_rate(cfg, step), device, world, position,
+                                       signals.requested)
+                step += 1
+                skipped = bad.record(stats["loss"], stats["grad_norm"])
+                seconds = time.perf_counter() - t_start
+                record = {"step": step, **{k: stats[k] for k in ("loss", "accuracy", "answer_loss", "lr", "grad_norm",
+                                                                 "tokens", "samples", "padding_fraction")},
+                          "tokens_per_s": stats["tokens"] / seconds, "samples_per_s": stats["samples"] / seconds,
+                          "step_time_s": seconds, "data_wait_s": t_data, "skipped": skipped,
+                          "skipped_steps": bad.total,
+                          "peak_memory_gb": (torch.cuda.max_memory_allocated(device) if device_type == "cuda"
+                                             else _rss_bytes()) / 2**30}
+                if peak:
+                    record["mfu"] = flops.step(stats["tokens"], stats["labels"], stats["sum_sq_lengths"]) / seconds \
+                        / (peak * world)
+                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                    last_val = evaluate_loss(engine, val, device)
+                    record.update(last_val)
+                records.append(record)
+                if step % cfg.log_every == 0 or "val_loss" in record or skipped:
+                    logger.log(record)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s")
+                                          if k in record})
+                if skipped:
+                    note(f"step {step}: non-finite loss {stats['loss']:.4g} or gradient norm {stats['grad_norm']:.4g}:"
+                         f" step skipped ({bad.in_a_row} in a row, stop at {cfg.max_bad_steps})", rank)
+                if bad.exhausted:
+                    stop = "non-finite"
+                    break
+                if stats["stop"]:
+                    stop = "preempted"
+                    break
+                if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps) and not bad.in_a_row:
+                    save_checkpoint(engine, model, tokenizer, output_dir, step, rank, {"step": step},
+                                    position.state(), payload, cfg.keep_checkpoints)
+                    saved_step = step
+            signal_name = signal.Signals(signals.received).name if signals.received else "a signal on another rank"
+    finally:
+        del batches  # stops the DataLoader workers
+        seen.close()
         if progress is not None:
-            progress.update(1)
-            progress.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s") if k in record})
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-            save_checkpoint(engine, model, tokenizer, output_dir, step, rank, {"step": step},
-                            position.state(), payload,
-                            cfg.keep_checkpoints)
-    del batches  # stops the DataLoader workers
-    seen.close()
+            progress.close()
+            set_progress_bar(None)
+
+    if stop == "preempted":
+        finite = weights_finite(packed)
+        if saved_step != step and finite:
+            save_checkpoint(engine, model, tokenizer, output_dir, step, rank, {"step": step}, position.state(),
+                            payload, cfg.keep_checkpoints)
+            saved_step = step
+        logger.close()
+        raise RunStopped(f"stopped by {signal_name} after step {step}: "
+                         + (f"checkpoint step-{saved_step:06d} written; continue with --resume" if saved_step is not None
+                            else "no checkpoint (the weights are not finite)"), EXIT_PREEMPTED)
+    if stop == "non-finite":
+        logger.close()
+        why = "" if weights_finite(packed) else " The weights themselves are not finite (a damaged checkpoint?)."
+        newest = f"checkpoint step-{saved_step:06d} is the last good one" if saved_step is not None else "no checkpoint"
+        raise RunStopped(f"stopped at step {step}: {bad.in_a_row} steps in a row had a non-finite loss or gradient "
+                         f"norm (last: loss {stats['loss']:.4g}, grad norm {stats['grad_norm']:.4g}); nothing saved, "
+                         f"{newest}.{why} Lower --lr or check the data.", EXIT_NON_FINITE)
+
     write_rank_summary(output_dir, rank, packed, position.consumed)
     if rank == 0:
-        save_hf(model, tokenizer, output_dir / ("adapter" if hasattr(model, "peft_config") else "model"))
-        progress.close()
+        final = output_dir / ("adapter" if hasattr(model, "peft_config") else "model")
+        save_hf(model, tokenizer, final)
+        summary = run_summary(cfg, records, last_val, final, time.perf_counter() - started)
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        note(summary["line"], rank)
     logger.close()
-    dist.barrier()
+    barrier("the end of training")
     return records
+
+
+def run_summary(cfg: TrainConfig, records: list[dict], last_val: dict, final: Path, seconds: float) -> dict:
+    """Where everything is and how training went, as a dict and as the one line printed at the end."""
+    out = Path(cfg.output_dir)
+    tail = records[-10:]
+    tokens, step_s = sum(r["tokens"] for r in records), sum(r["step_time_s"] for r in records)
+    summary = {"steps": records[-1]["step"] if records else 0, "seconds": seconds,
+               "final": str(final), "metrics": str(out / "metrics.jsonl"), "checkpoints": str(out / "checkpoints"),
+               "train_loss": sum(r["loss"] for r in tail) / max(len(tail), 1),
+               "tokens_per_s": tokens / step_s if step_s else 0.0, **last_val}
+    kind = "adapter" if final.name == "adapter" else "model"
+    val = (f", val loss {last_val['val_loss']:.3f} (answer accuracy {last_val['val_answer_accuracy']:.2f})"
+           if "val_loss" in last_val else "")
+    summary["line"] = (f"done: {summary['steps']} steps in {seconds / 60:.1f} min; {kind} -> {final}, metrics -> "
+                       f"{summary['metrics']}, checkpoints -> {summary['checkpoints']}; train loss "
+                       f"{summary['train_loss']:.3f} (last {len(tail)} steps){val}; {summary['tokens_per_s']:,.0f} "
+                       "tokens/s")
+    return summary
 
 
 def micro_batch_log(output_dir: Path, rank: int, consumed: int):

@@ -1,8 +1,16 @@
 """Attention on packed micro-batches: tokens attend only within their own sample.
 
 Each backend is a transformers attention function (registered under ``arc25-<backend>``) that reads the
-packer's ``cu_seq_lens_q``/``max_length_q`` from the forward kwargs; it never re-infers boundaries from
+packer's sample boundaries from the forward kwargs (``packed_kwargs``); it never re-infers them from
 ``position_ids``. Inputs are ``[1, heads, T, head_dim]``; outputs ``[1, T, heads, head_dim]``.
+
+What the model asks of its attention arrives as kwargs too: a sliding window (``sliding_window``: a query sees
+itself and the ``window - 1`` keys before it, as in transformers' masks) and logit soft-capping (``softcap``)
+are implemented by every backend that can; anything else (e.g. attention sinks) is refused with
+``PackedAttentionUnsupported``, never ignored. A layer that does not pass the boundaries at all is refused too.
+
+The CUDA kernels are looked up through ``KERNELS`` at call time, so that tests can swap in reference
+implementations with the same signatures (``kernels/reference.py``) and run the code around them on CPU.
 """
 import importlib.util
 
@@ -10,37 +18,114 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("flash-attn", "torch-varlen", "sdpa")
+BOUNDARY_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "packed_bounds")
+IGNORED_KWARGS = {"position_ids", "use_cache", "is_causal", "output_attentions", "dropout", "scaling",
+                  "cache_position", "past_key_values", "position_embeddings"}
+
+
+class PackedAttentionUnsupported(NotImplementedError):
+    """The model asks its attention for something the packed backends do not implement."""
+
+
+def _varlen_attn(*args, **kwargs):
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(*args, **kwargs)
+
+
+def _flash_attn_varlen_func(*args, **kwargs):
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(*args, **kwargs)
+
+
+KERNELS = {"torch-varlen": _varlen_attn, "flash-attn": _flash_attn_varlen_func}
+
+
+def _options(module, backend: str, kwargs: dict) -> tuple[int | None, float | None, list[int]]:
+    """The sliding window, the soft-cap and the host-side sample bounds; refuses what the backend cannot do."""
+    name = type(module).__name__
+    if "cu_seq_lens_q" not in kwargs or "packed_bounds" not in kwargs:
+        raise PackedAttentionUnsupported(f"{name} does not pass the sample boundaries to its attention function, so "
+                                         "packed samples would attend to each other")
+    extra = sorted(k for k, v in kwargs.items()
+                   if v is not None and k not in IGNORED_KWARGS and k not in BOUNDARY_KWARGS
+                   and k not in ("sliding_window", "softcap"))
+    if extra:
+        raise PackedAttentionUnsupported(f"{name} asks its attention for {', '.join(extra)}, which the packed "
+                                         "attention does not implement")
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    if softcap is not None and backend == "torch-varlen":
+        raise PackedAttentionUnsupported(f"{name} uses attention logit soft-capping, which torch's varlen_attn "
+                                         "does not implement (use --attn flash-attn, or sdpa)")
+    return window, softcap, kwargs["packed_bounds"]
+
+
+def _check_total(query: torch.Tensor, bounds: list[int]) -> None:
+    # rows past the last sample would be left uninitialised by varlen kernels (NaN gradients in varlen_attn)
+    if query.shape[2] != bounds[-1]:
+        raise ValueError(f"packed batch holds {query.shape[2]} tokens but its samples end at {bounds[-1]}")
+
+
+def _window_left(window: int | None) -> int:
+    """flash-attn's ``window_size[0]``: keys to the left a query sees (-1: all)."""
+    return -1 if window is None else window - 1
+
+
+def _sample_attention(q, k, v, scale, window, softcap, dropout):
+    """Causal attention of one sample ([1, heads, L, d]), optionally windowed and soft-capped."""
+    length = q.shape[2]
+    if softcap is None and (window is None or window >= length):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=True)
+    i = torch.arange(length, device=q.device)
+    allowed = i[None, :] <= i[:, None]
+    if window is not None:
+        allowed &= i[None, :] > i[:, None] - window
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scale,
+                                              enable_gqa=True)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = F.dropout(torch.softmax(scores.float(), dim=-1).to(q.dtype), p=dropout)
+    return torch.matmul(probs, v)
 
 
 def _sdpa_per_sample(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Any device: causal SDPA on each sample's slice."""
-    bounds = kwargs["cu_seq_lens_q"].tolist()
+    """Any device: causal SDPA on each sample's slice (windowed or soft-capped attention when the model asks)."""
+    window, softcap, bounds = _options(module, "sdpa", kwargs)
+    _check_total(query, bounds)
     p = dropout if module.training else 0.0
-    outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=p,
-                                           is_causal=True, scale=scaling, enable_gqa=True)
+    outs = [_sample_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling, window, softcap, p)
             for s, e in zip(bounds[:-1], bounds[1:])]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
 def _torch_varlen(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """CUDA: PyTorch's built-in varlen flash attention."""
-    from torch.nn.attention.varlen import varlen_attn
-
+    window, _, bounds = _options(module, "torch-varlen", kwargs)
+    _check_total(query, bounds)
+    if dropout and module.training:
+        raise PackedAttentionUnsupported(f"{type(module).__name__} uses attention dropout, which torch's varlen_attn "
+                                         "does not implement (use --attn flash-attn, or sdpa)")
     q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
     cu, max_len = kwargs["cu_seq_lens_q"], int(kwargs["max_length_q"])
-    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0),
-                      enable_gqa=q.shape[1] != k.shape[1])
+    out = KERNELS["torch-varlen"](q, k, v, cu, cu, max_len, max_len, scale=scaling,
+                                  window_size=(_window_left(window), 0), enable_gqa=q.shape[1] != k.shape[1])
     return out.unsqueeze(0), None
 
 
 def _flash_attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """CUDA with the optional flash-attn package: its varlen kernel."""
-    from flash_attn import flash_attn_varlen_func
-
+    window, softcap, bounds = _options(module, "flash-attn", kwargs)
+    _check_total(query, bounds)
     q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
     cu, max_len = kwargs["cu_seq_lens_q"], int(kwargs["max_length_q"])
-    out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout if module.training else 0.0,
-                                 softmax_scale=scaling, causal=True)
+    out = KERNELS["flash-attn"](q, k, v, cu, cu, max_len, max_len, dropout_p=dropout if module.training else 0.0,
+                                softmax_scale=scaling, causal=True, window_size=(_window_left(window), 0),
+                                softcap=0.0 if softcap is None else softcap)
     return out.unsqueeze(0), None
 
 
@@ -78,7 +163,8 @@ def register(name: str) -> str:
     return key
 
 
-def packed_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int) -> dict:
-    """The forward kwargs that carry sample boundaries to every attention layer."""
+def packed_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int, bounds: list[int]) -> dict:
+    """The forward kwargs that carry sample boundaries to every attention layer: ``cu_seqlens`` on the device for
+    the kernels, and the same ``bounds`` as host integers so that no layer has to read them back."""
     return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": max_seqlen,
-            "max_length_k": max_seqlen}
+            "max_length_k": max_seqlen, "packed_bounds": bounds}

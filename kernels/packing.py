@@ -38,30 +38,37 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int):
 
 
 @njit(cache=True, nogil=True)
-def assemble_micro_batch(lengths: np.ndarray, n_prompt: np.ndarray, n_trained: np.ndarray, input_ids: np.ndarray):
-    """Labels, position ids and cu_seqlens for samples laid end to end in ``input_ids``.
+def assemble_micro_batch(lengths: np.ndarray, span_counts: np.ndarray, spans: np.ndarray, input_ids: np.ndarray):
+    """Labels, answer mask, position ids and cu_seqlens for samples laid end to end in ``input_ids``.
 
-    Labels are already shifted: ``labels[t]`` is the token that position ``t`` must predict, or -100.
-    Sample ``s`` trains tokens ``[n_prompt[s], n_prompt[s] + n_trained[s])``, so the positions that predict
-    them are one earlier; the last position of a sample never predicts the next sample's first token.
+    Sample ``s`` has ``span_counts[s]`` trained ranges ``spans[k] = (start, end)`` (token indices within the sample,
+    ``start >= 1``), its answer last. Labels are already shifted: ``labels[t]`` is the token that position ``t`` must
+    predict, or -100; ``answer[t]`` is 1 where that token belongs to the answer span. A label never crosses a sample
+    boundary, so the last position of a sample never predicts the next sample's first token.
     """
     total = input_ids.shape[0]
     labels = np.full(total, -100, dtype=np.int64)
+    answer = np.zeros(total, dtype=np.uint8)
     position_ids = np.empty(total, dtype=np.int64)
     cu_seqlens = np.empty(lengths.shape[0] + 1, dtype=np.int32)
     cu_seqlens[0] = 0
     offset = 0
+    k = 0
     max_seqlen = 0
     for s in range(lengths.shape[0]):
         length = lengths[s]
         for t in range(length):
             position_ids[offset + t] = t
-        first = n_prompt[s] - 1
-        last = min(n_prompt[s] + n_trained[s] - 1, length - 1)
-        for t in range(max(first, 0), last):
-            labels[offset + t] = input_ids[offset + t + 1]
+        for j in range(span_counts[s]):
+            start = max(spans[k, 0], 1)
+            end = min(spans[k, 1], length)
+            for t in range(start - 1, end - 1):
+                labels[offset + t] = input_ids[offset + t + 1]
+                if j == span_counts[s] - 1:
+                    answer[offset + t] = 1
+            k += 1
         offset += length
         cu_seqlens[s + 1] = offset
         if length > max_seqlen:
             max_seqlen = length
-    return labels, position_ids, cu_seqlens, max_seqlen
+    return labels, answer, position_ids, cu_seqlens, max_seqlen

@@ -1,4 +1,5 @@
 """Packed batches compute exactly what each sample alone computes; the step loss ignores how samples are split."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,10 +7,12 @@ from arc25_fast.kernels import attention
 from arc25_fast.kernels.loss import chunked_cross_entropy
 
 from arc25_fast.config import DataConfig, TrainConfig
-from arc25_fast.data import PackedStream, PackingConfig, to_torch
 from arc25_fast.encoding import FastEncoder
+from arc25_fast.engine import build_engine, init_distributed
 from arc25_fast.model import PackedCausalLM, load_base_model
-from arc25_fast.train import build_engine, build_model, init_distributed, optimizer_step
+from arc25_fast.stream import PackedStream, PackingConfig, micro_batch, to_torch
+from arc25_fast.train import build_model, optimizer_step
+from arc25_fast.validation import model_inputs
 
 CPU = torch.device("cpu")
 
@@ -43,7 +46,8 @@ def test_packed_equals_unpacked_loss_and_gradients(batch, tiny_tokenizer, backen
     model = load_base_model("tiny", len(tiny_tokenizer), dtype, attention.register(backend)).to(device)
     packed = PackedCausalLM(model, chunk_tokens=257)
     b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    loss, n, _ = packed(b["input_ids"], b["position_ids"], b["labels"], b["cu_seqlens"], b["max_seqlen"])
+    loss, stats = packed(**model_inputs(b, device))
+    n = int(stats[0])
     (loss / n).backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
@@ -58,19 +62,30 @@ def test_packed_equals_unpacked_loss_and_gradients(batch, tiny_tokenizer, backen
         torch.testing.assert_close(grads[k], p.grad, **tol, msg=lambda m, k=k: f"gradient of {k}: {m}")
 
 
-def test_chunked_cross_entropy_matches_full():
+@pytest.mark.parametrize("scale,softcap", [(1.0, None), (0.25, None), (1.0, 3.0), (2.0, 5.0)])
+def test_chunked_cross_entropy_matches_full(scale, softcap):
     torch.manual_seed(0)
     hidden = torch.randn(50, 16, requires_grad=True)
     weight = torch.randn(40, 16, requires_grad=True)
     labels = torch.randint(0, 40, (50,))
     labels[::3] = -100
-    full = F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100, reduction="sum")
+    answer = torch.zeros(50, dtype=torch.bool)
+    answer[30:] = True
+    logits = hidden @ weight.T * scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    token_losses = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+    full = token_losses.sum()
     gh, gw = torch.autograd.grad(full, (hidden, weight))
+    positions = (labels != -100).nonzero().squeeze(1)
     for chunk in (1, 7, 1000):
-        loss, n, correct = chunked_cross_entropy(hidden, weight, None, labels, chunk)
+        loss, stats = chunked_cross_entropy(hidden, lambda h: h @ weight.T, positions, labels[positions],
+                                            answer[positions], chunk, scale, softcap)
         ch, cw = torch.autograd.grad(loss, (hidden, weight))
-        assert n == int((labels != -100).sum())
-        assert correct == int(((hidden @ weight.T).argmax(-1) == labels)[labels != -100].sum())
+        right = (logits.argmax(-1) == labels) & (labels != -100)
+        assert stats[0] == len(positions) and stats[1] == int(right.sum())
+        torch.testing.assert_close(float(stats[2]), float(token_losses[answer].sum().detach()), rtol=1e-5, atol=1e-5)
+        assert stats[3] == int((answer & (labels != -100)).sum()) and stats[4] == int((right & answer).sum())
         torch.testing.assert_close(loss, full)
         torch.testing.assert_close(ch, gh)
         torch.testing.assert_close(cw, gw)
@@ -82,11 +97,9 @@ def test_step_is_the_same_for_1_or_4_micro_batches(default_mix, tiny_tokenizer):
                           seed=2)
     it = iter(stream)
     quarters = [to_torch(next(it)) for _ in range(4)]
-    whole = {k: torch.cat([q[k] for q in quarters], dim=1) for k in ("input_ids", "labels", "position_ids")}
-    lengths = torch.cat([q["cu_seqlens"].diff() for q in quarters])
-    whole["cu_seqlens"] = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).to(torch.int32)])
-    whole["max_seqlen"] = int(lengths.max())
-    whole["n_samples"] = sum(q["n_samples"] for q in quarters)
+    whole = micro_batch([s for uid in np.concatenate([q["uids"] for q in quarters])
+                         for s in [stream.encoder.encode(stream.draw(int(uid)))]])
+    whole = to_torch(whole)
     cfg = TrainConfig(data=DataConfig(max_tokens=6000), lora=False, lr=1e-2, grad_clip=0.0)
     results = []
     for micro, grad_accum in (([whole], 1), (quarters, 4)):

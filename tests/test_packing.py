@@ -4,8 +4,8 @@ import pytest
 import torch
 from arc25_fast.kernels.packing import best_fit_decreasing
 
-from arc25_fast.data import DataPosition, PackedDataset, PackedStream, PackingConfig, loader, pack_fixed
 from arc25_fast.encoding import FastEncoder
+from arc25_fast.stream import DataPosition, PackedDataset, PackedStream, PackingConfig, loader, pack_fixed
 
 
 @pytest.fixture(scope="module")

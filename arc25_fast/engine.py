@@ -1,0 +1,123 @@
+"""Parallelism: the process group, the DeepSpeed engine and its config, and collectives that name what timed out."""
+import json
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError, TrainConfig
+from .model import resolve_dtype
+
+DS_CONFIGS = Path(__file__).parent / "ds_configs"
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete: a peer rank stalled or died."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_deepspeed(device_type: str) -> None:
+    """Import DeepSpeed without its accelerator probe's warning, and without building its CPU shared-memory
+    all-reduce op: that op serves only tensor-parallel inference, and building it into the shared torch-extensions
+    cache is what a killed first start can wedge (a stale lock every later run waits on forever)."""
+    if device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+
+    if device_type == "cpu":  # also skips DeepSpeed's probe of every op (compiler runs that print linker errors)
+        deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+
+
+def init_distributed(device_type: str, timeout_s: float = 900.0, private: bool = False) -> tuple[int, int, int]:
+    """Join the process group the launcher set up, or make a one-process group (``arc25-fast train``).
+
+    ``private``: a group of this process alone even under a launcher (``ttt``: every rank trains its own tasks).
+    """
+    prepare_deepspeed(device_type)
+    import deepspeed
+
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    if "RANK" not in os.environ or private:
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.setdefault("LOCAL_RANK", "0")
+    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", auto_mpi_discovery=False,
+                               timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def all_reduce(values: list[float] | torch.Tensor, device: torch.device, what: str,
+               op=dist.ReduceOp.SUM) -> list[float]:
+    """Sum (or ``op``) ``values`` over ranks in float64 (one host sync); a timeout names what was being reduced."""
+    t = values.to(device, torch.float64) if torch.is_tensor(values) else torch.tensor(values, dtype=torch.float64,
+                                                                                        device=device)
+    if dist.get_world_size() > 1:
+        try:
+            dist.all_reduce(t, op=op)
+        except RuntimeError as e:
+            raise CollectiveTimeout(f"rank {dist.get_rank()}: all-reduce of {what} failed: a peer rank stalled or "
+                                    f"died ({str(e).splitlines()[0][:200]})") from None
+    return t.tolist()
+
+
+def barrier(what: str) -> None:
+    if dist.get_world_size() > 1:
+        try:
+            dist.barrier()
+        except RuntimeError as e:
+            raise CollectiveTimeout(f"rank {dist.get_rank()}: barrier at {what} failed: a peer rank stalled or died "
+                                    f"({str(e).splitlines()[0][:200]})") from None
+
+
+def load_ds_config(cfg: TrainConfig, device: torch.device) -> tuple[Path, dict]:
+    """The DeepSpeed config file and its contents; a malformed file or an unsupported ZeRO stage is refused."""
+    path = Path(cfg.ds_config) if cfg.ds_config else DS_CONFIGS / ("zero2.json" if device.type == "cuda" else "cpu.json")
+    try:
+        ds = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"--ds-config {path}: cannot read: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--ds-config {path}: malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"--ds-config {path}: expected a JSON object")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2):
+        raise ConfigError(f"--ds-config {path}: ZeRO stage {stage} is not supported: stages 1 and 2 keep whole weights "
+                          "on every rank (checkpoints, adapters) and skip a step whose gradient is not finite")
+    if ds.get("zero_optimization", {}).get("compute_grad_norm") is False:
+        raise ConfigError(f"--ds-config {path}: compute_grad_norm false would hide a non-finite gradient; remove it")
+    if ds.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"--ds-config {path}: fp16 needs loss scaling, which this trainer does not do; use bf16")
+    return path, ds
+
+
+def deepspeed_config(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, grad_accum: int, world: int) -> dict:
+    _, ds = load_ds_config(cfg, device)
+    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=grad_accum,
+              train_batch_size=grad_accum * world, gradient_clipping=cfg.grad_clip)
+    # a step whose global gradient norm is not finite is skipped (weights and optimizer state unchanged)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": dtype == torch.bfloat16, "check_grad_overflow": True}
+    if "optimizer" in ds:
+        ds["optimizer"].setdefault("params", {}).update(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return ds
+
+
+def build_engine(cfg: TrainConfig, packed: torch.nn.Module, device: torch.device, grad_accum: int, world: int):
+    """A DeepSpeed engine; the optimizer is the config's (e.g. CPU Adam for offload) or torch's AdamW."""
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, device, resolve_dtype(cfg.dtype, device), grad_accum, world)
+    params = [p for p in packed.parameters() if p.requires_grad]
+    optimizer = None if "optimizer" in ds_config else torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    engine, _, _, _ = deepspeed.initialize(model=packed, model_parameters=params, optimizer=optimizer,
+                                           config=ds_config)
+    return engine, ds_config
