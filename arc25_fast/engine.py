@@ -54,6 +54,16 @@ def init_distributed(device_type: str, timeout_s: float = 900.0, private: bool =
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def apply_collective_timeout(timeout_s: float) -> None:
+    """Give every process group this run's collective timeout: DeepSpeed creates its own groups (e.g. ZeRO's
+    gradient reduction) with torch's defaults (30 minutes on gloo), which would outlast a stalled peer."""
+    from torch.distributed import distributed_c10d as c10d
+
+    for group in list(c10d._world.pg_map):
+        if not c10d._rank_not_in_group(group):
+            c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)
+
+
 def all_reduce(values: list[float] | torch.Tensor, device: torch.device, what: str,
                op=dist.ReduceOp.SUM) -> list[float]:
     """Sum (or ``op``) ``values`` over ranks in float64 (one host sync); a timeout names what was being reduced."""
@@ -120,4 +130,5 @@ def build_engine(cfg: TrainConfig, packed: torch.nn.Module, device: torch.device
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     engine, _, _, _ = deepspeed.initialize(model=packed, model_parameters=params, optimizer=optimizer,
                                            config=ds_config)
+    apply_collective_timeout(cfg.collective_timeout)
     return engine, ds_config

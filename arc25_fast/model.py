@@ -55,18 +55,33 @@ def load_model_config(name: str, vocab_size: int | None = None):
         raise ModelError(f"model {name}: cannot load its config as a {where}: {str(e).splitlines()[0]}") from None
 
 
+def _cannot_run(config, e: Exception) -> ModelError:
+    return ModelError(f"model type {config.model_type}: cannot run with the packed attention backends "
+                      f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})")
+
+
+def model_from_config(config, attn_implementation: str, dtype: torch.dtype, seed: int = 0) -> PreTrainedModel:
+    """Random weights of the configured shape (seeded)."""
+    torch.manual_seed(seed)
+    try:
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    except (ValueError, KeyError) as e:
+        raise _cannot_run(config, e) from None
+
+
 def load_base_model(name: str, vocab_size: int, dtype: torch.dtype, attn_implementation: str,
                     seed: int = 0) -> PreTrainedModel:
     """``tiny``, a ``config.json`` (random weights of that shape), a local directory or a hub id."""
+    config = load_model_config(name, vocab_size)  # a clear error for a missing path or an unknown id
     if is_random_init(name):
-        config = load_model_config(name, vocab_size)
         config.vocab_size = max(config.vocab_size, vocab_size)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+        model = model_from_config(config, attn_implementation, dtype, seed)
     else:
-        load_model_config(name)  # a clear error for a missing path or an unknown id
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), attn_implementation=attn_implementation,
-                                                     dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name),
+                                                         attn_implementation=attn_implementation, dtype=dtype)
+        except (ValueError, KeyError) as e:
+            raise _cannot_run(config, e) from None
     if model.config.vocab_size < vocab_size:
         raise ModelError(f"model {name}: vocabulary of {model.config.vocab_size} is smaller than the tokenizer's "
                          f"{vocab_size}")

@@ -26,7 +26,7 @@ from torch import nn
 
 from .checkpoint import load_newest, save_checkpoint, save_hf
 from .config import ConfigError, TrainConfig, package_versions, save_run_config
-from .engine import all_reduce, barrier, build_engine, init_distributed
+from .engine import CollectiveTimeout, all_reduce, barrier, build_engine, init_distributed
 from .faults import EXIT_NON_FINITE, EXIT_PREEMPTED, NonFiniteSteps, RunStopped, StopSignals
 from .kernels import attention
 from .logs import note, set_progress_bar, setup_logging
@@ -220,8 +220,15 @@ def train(cfg: TrainConfig) -> list[dict]:
                 t_data = time.perf_counter() - t_start
                 seen.writelines(hashlib.sha1(b["input_ids"].numpy().tobytes()).hexdigest()[:16] + "\n" for b in micro)
                 seen.flush()
-                stats = optimizer_step(engine, micro, learning_rate(cfg, step), device, world, position,
-                                       signals.requested)
+                try:
+                    stats = optimizer_step(engine, micro, learning_rate(cfg, step), device, world, position,
+                                           signals.requested)
+                except RuntimeError as e:
+                    if world > 1 and not isinstance(e, CollectiveTimeout) and is_collective_failure(e):
+                        raise CollectiveTimeout(f"rank {rank}: a collective of step {step + 1} (gradient reduction or "
+                                                f"the step's all-reduce) failed: a peer rank stalled or died "
+                                                f"({str(e).strip().splitlines()[0][:200]})") from None
+                    raise
                 step += 1
                 skipped = bad.record(stats["loss"], stats["grad_norm"])
                 seconds = time.perf_counter() - t_start
@@ -272,11 +279,13 @@ def train(cfg: TrainConfig) -> list[dict]:
             save_checkpoint(engine, model, tokenizer, output_dir, step, rank, {"step": step}, position.state(),
                             payload, cfg.keep_checkpoints)
             saved_step = step
+        write_rank_summary(output_dir, rank, packed, position.consumed, "preempted", step)
         logger.close()
         raise RunStopped(f"stopped by {signal_name} after step {step}: "
                          + (f"checkpoint step-{saved_step:06d} written; continue with --resume" if saved_step is not None
                             else "no checkpoint (the weights are not finite)"), EXIT_PREEMPTED)
     if stop == "non-finite":
+        write_rank_summary(output_dir, rank, packed, position.consumed, "non-finite", step)
         logger.close()
         why = "" if weights_finite(packed) else " The weights themselves are not finite (a damaged checkpoint?)."
         newest = f"checkpoint step-{saved_step:06d} is the last good one" if saved_step is not None else "no checkpoint"
@@ -284,7 +293,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                          f"norm (last: loss {stats['loss']:.4g}, grad norm {stats['grad_norm']:.4g}); nothing saved, "
                          f"{newest}.{why} Lower --lr or check the data.", EXIT_NON_FINITE)
 
-    write_rank_summary(output_dir, rank, packed, position.consumed)
+    write_rank_summary(output_dir, rank, packed, position.consumed, "done", step)
     if rank == 0:
         final = output_dir / ("adapter" if hasattr(model, "peft_config") else "model")
         save_hf(model, tokenizer, final)
@@ -326,14 +335,22 @@ def micro_batch_log(output_dir: Path, rank: int, consumed: int):
     return open(path, "a")
 
 
-def write_rank_summary(output_dir: Path, rank: int, packed: nn.Module, micro_batches: int) -> None:
-    """How many micro-batches this rank trained on and a hash of its final trainable weights, for audits."""
+def is_collective_failure(error: RuntimeError) -> bool:
+    text = str(error).lower()
+    return any(k in text for k in ("timed out", "timeout", "connection closed", "connection reset", "gloo", "nccl"))
+
+
+def write_rank_summary(output_dir: Path, rank: int, packed: nn.Module, micro_batches: int, status: str,
+                       step: int) -> None:
+    """How this rank's run ended (done, preempted, non-finite), at which step, how many micro-batches it trained
+    on and a hash of its trainable weights, for audits."""
     digest = hashlib.sha1()
     for name, p in packed.named_parameters():
         if p.requires_grad:
             digest.update(name.encode())
             digest.update(p.detach().float().cpu().numpy().tobytes())
-    summary = {"rank": rank, "micro_batches": micro_batches, "trainable_weights_sha1": digest.hexdigest()}
+    summary = {"rank": rank, "status": status, "step": step, "micro_batches": micro_batches,
+               "trainable_weights_sha1": digest.hexdigest()}
     (output_dir / f"rank{rank}_summary.json").write_text(json.dumps(summary))
 
 

@@ -1,6 +1,6 @@
 """Attention on packed micro-batches: tokens attend only within their own sample.
 
-Each backend is a transformers attention function (registered under ``arc25-<backend>``) that reads the
+Each backend is a transformers attention function (registered under ``arc25_packed_<backend>``) that reads the
 packer's sample boundaries from the forward kwargs (``packed_kwargs``); it never re-infers them from
 ``position_ids``. Inputs are ``[1, heads, T, head_dim]``; outputs ``[1, T, heads, head_dim]``.
 
@@ -155,10 +155,12 @@ def choose_backend(name: str, device: torch.device) -> str:
 
 
 def register(name: str) -> str:
-    """Register the backend with transformers and return the ``attn_implementation`` name to use."""
+    """Register the backend with transformers and return the ``attn_implementation`` name to use (free of
+    "sdpa"/"flash", which transformers would read as its own implementations and check the model against)."""
     from transformers import AttentionInterface
 
-    key = f"arc25-{name}"
+    key = {"sdpa": "arc25_packed_per_sample", "torch-varlen": "arc25_packed_torch_varlen",
+           "flash-attn": "arc25_packed_fa_varlen"}[name]
     AttentionInterface.register(key, FUNCTIONS[name])
     return key
 

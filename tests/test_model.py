@@ -113,3 +113,38 @@ def test_step_is_the_same_for_1_or_4_micro_batches(default_mix, tiny_tokenizer):
     assert norm_1 == pytest.approx(norm_4, rel=1e-5)
     for a, b in zip(weights_1, weights_4):  # Adam's first step moves every weight by ~lr: agree to 1% of it
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def _flat_state(obj, prefix=""):
+    """Every tensor of a (nested) optimizer state, by path."""
+    if torch.is_tensor(obj):
+        return {prefix: obj.detach().clone()}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list | tuple) else []
+    return {k: v for key, value in items for k, v in _flat_state(value, f"{prefix}/{key}").items()}
+
+
+def test_a_non_finite_step_changes_no_weight_and_no_optimizer_state(default_mix, tiny_tokenizer):
+    init_distributed("cpu")
+    stream = PackedStream(default_mix, FastEncoder(tiny_tokenizer), PackingConfig(max_tokens=1500, buffer_size=32),
+                          seed=4)
+    it = iter(stream)
+    good, poisoned = to_torch(next(it)), to_torch(next(it))
+    cfg = TrainConfig(data=DataConfig(max_tokens=1500), lr=1e-2)
+    _, packed, _ = build_model(cfg, len(tiny_tokenizer), CPU)
+    engine, _ = build_engine(cfg, packed, CPU, 1, world=1)
+    first = optimizer_step(engine, [good], cfg.lr, CPU, world=1)
+    assert np.isfinite(first["loss"]) and np.isfinite(first["grad_norm"])
+    weights = {n: p.detach().clone() for n, p in packed.named_parameters() if p.requires_grad}
+    state = _flat_state(engine.optimizer.state_dict())
+    assert any(v.abs().sum() > 0 for k, v in state.items() if "exp_avg" in k)  # Adam has moments to keep
+    with torch.no_grad():  # a real overflow: a frozen embedding row the batch uses becomes inf
+        packed.causal_lm.get_input_embeddings().weight[int(poisoned["input_ids"][0, 5])] = float("inf")
+    second = optimizer_step(engine, [poisoned], cfg.lr, CPU, world=1)
+    assert not (np.isfinite(second["loss"]) and np.isfinite(second["grad_norm"]))
+    for name, p in packed.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, weights[name]), name
+    after = _flat_state(engine.optimizer.state_dict())
+    assert after.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(after[key], value), key

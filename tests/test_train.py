@@ -2,7 +2,6 @@
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -126,4 +125,25 @@ def test_two_process_zero2_on_cpu(tmp_path):
     assert [m["step"] for m in metrics] == [0, 1, 2, 3] and "val_loss" in metrics[0] and "val_loss" in metrics[-1]
     assert all(m["loss"] > 0 and m["padding_fraction"] == 0.0 for m in metrics[1:])
     assert json.loads((out / "config.json").read_text())["resolved"]["world_size"] == 2
-    assert sys.executable  # launched with the same environment
+    one = CliRunner().invoke(main, ["train", "--output-dir", str(out), "--resume", "--max-steps", "5",
+                                    "--max-tokens", "1024", "--num-workers", "0", "--verify-samples", "0"])
+    lines = [x for x in one.output.splitlines() if x.strip()]
+    assert one.exit_code == 1 and len(lines) == 1
+    assert "step-000003 was written by 2 ranks; resume with the same world size (now 1)" in lines[0]
+
+
+def test_full_fine_tuning_of_another_architecture_from_a_config_json(tmp_path):
+    """GPT-NeoX keeps its body in ``gpt_neox`` and its head in ``embed_out``: both are found, and it trains."""
+    from transformers import GPTNeoXConfig
+
+    config = GPTNeoXConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=2048, rotary_pct=0.5)
+    config.to_json_file(tmp_path / "neox.json")
+    result = CliRunner().invoke(main, ["train", "--model", str(tmp_path / "neox.json"), "--no-lora", "--max-steps", "2",
+                                       "--max-tokens", "1024", "--eval-every", "2", "--val-samples", "4",
+                                       "--verify-samples", "0", "--num-workers", "0",
+                                       "--output-dir", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and rows[-1]["loss"] > 0 and "val_loss" in rows[-1]
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "model")).config.model_type == "gpt_neox"

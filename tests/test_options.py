@@ -1,0 +1,180 @@
+"""Bad options and bad config files: one line naming the option (and file), non-zero exit, before any expensive work;
+the output directory is never reused silently."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from arc25_fast.cli import main
+from arc25_fast.config import ConfigError, DataConfig, TrainConfig, resolve
+from arc25_fast.preflight import use_private_extensions_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--max-tokens", "1024", "--verify-samples", "0", "--eval-every", "0", "--num-workers", "0"]
+
+
+def run(args: list[str], tmp_path: Path):
+    result = CliRunner().invoke(main, args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    return result, lines
+
+
+BAD_OPTIONS = [
+    (["--grad-accum", "0"], "--grad-accum: must be at least 1, got 0"),
+    (["--max-steps", "0"], "--max-steps: must be at least 1, got 0"),
+    (["--max-steps", "-3"], "--max-steps: must be at least 1, got -3"),
+    (["--warmup-steps", "-1"], "--warmup-steps: must be at least 0"),
+    (["--grad-clip", "-1"], "--grad-clip: must be at least 0.0"),
+    (["--save-every", "-1"], "--save-every: must be at least 0"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints: must be at least 1"),
+    (["--lr-schedule", "bogus"], "--lr-schedule: 'bogus' is not one of cosine, linear, constant"),
+    (["--loss-chunk-tokens", "0"], "--loss-chunk-tokens: must be at least 1"),
+    (["--dtype", "fp16"], "--dtype: 'fp16' is not one of auto, bf16, fp32"),
+    (["--encoder", "nonsense"], "--encoder: 'nonsense' is not one of auto, fast, text"),
+    (["--train-as-test", "1.5"], "--train-as-test: must be at most 1.0, got 1.5"),
+    (["--max-tokens", "0"], "--max-tokens: must be at least 64, got 0"),
+    (["--lr", "nan"], "--lr: must be a finite number"),
+    (["--model", "/nonexistent/model"], "model /nonexistent/model: no such file or directory"),
+    (["--model", "./missing.json"], "model ./missing.json: no such file or directory"),
+    (["--tokenizer", "/nonexistent/tok"], "tokenizer /nonexistent/tok: no such directory"),
+    (["--task-source", "synthetic@nan"], "task source 'synthetic@nan': weight nan must be a finite positive number"),
+    (["--task-source", "synthetic@inf"], "weight inf must be a finite positive number"),
+    (["--task-source", "synthetic@0"], "weight 0.0 must be a finite positive number"),
+    (["--task-source", "her:/nonexistent.jsonl"], "--task-source her:/nonexistent.jsonl: /nonexistent.jsonl does not exist"),
+    (["--max-tokens", "65536"], "--max-tokens 65536 is more than model tiny's 32768 positions"),
+    (["--attn", "flash-attn"], "attention backend flash-attn is not available on cpu"),
+    (["--global-batch-tokens", "4096", "--global-batch-samples", "8"], "both set the batch size"),
+    (["--train-on", "all-outputs"], "--train-on all-outputs applies to output-from-examples tasks only"),
+    (["--lora-targets", "q_proj,nonexistent_proj"], "has no module named nonexistent_proj"),
+    (["--adapter", "/nonexistent/adapter"], "--adapter /nonexistent/adapter: no adapter_config.json"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_bad_option_is_one_line_before_any_work(tmp_path, args, message):
+    out = tmp_path / "run"
+    result, lines = run(["train", "--output-dir", str(out), *FAST, *args], tmp_path)
+    assert result.exit_code == 1, result.output
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], lines
+    assert not (out / "config.json").exists() and not (out / "base_model").exists()  # stopped before the work
+
+
+def test_ds_config_problems_name_the_file(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"zero_optimization": {"stage": 2,}}')
+    stage3 = tmp_path / "stage3.json"
+    stage3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    for path, message in ((broken, f"--ds-config {broken}: malformed JSON"),
+                          (stage3, f"--ds-config {stage3}: ZeRO stage 3 is not supported"),
+                          (tmp_path / "missing.json", "cannot read")):
+        result, lines = run(["train", "--output-dir", str(tmp_path / "o"), *FAST, "--ds-config", str(path)], tmp_path)
+        assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], lines
+
+
+def test_output_dir_that_is_a_file_or_not_writable(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    result, lines = run(["train", "--output-dir", str(a_file), *FAST], tmp_path)
+    assert result.exit_code == 1 and lines == [f"Error: --output-dir {a_file}: exists and is not a directory"]
+    result, lines = run(["train", "--output-dir", "/proc/arc25-not-writable", *FAST], tmp_path)
+    assert result.exit_code == 1 and len(lines) == 1 and "/proc/arc25-not-writable: not writable" in lines[0]
+
+
+CONFIG_FILES = [
+    ("syntax.yaml", "max_steps: 2\ndata: [\n", "syntax.yaml: YAML syntax error at line 3"),
+    ("list.yaml", "- max_steps: 2\n", "list.yaml: expected a mapping of options, got a list"),
+    ("type.yaml", "max_steps: two\n", "type.yaml: max_steps: expected an integer, got 'two'"),
+    ("datatype.yaml", "data:\n  max_tokens: big\n", "datatype.yaml: data.max_tokens: expected an integer, got 'big'"),
+    ("string.yaml", "data:\n  task_sources: synthetic\n", "data.task_sources: expected a list, got 'synthetic'"),
+    ("unknown.yaml", "max_stepz: 2\n", "unknown option 'max_stepz'"),
+    ("badjson.json", '{"max_steps": 2,}', "badjson.json: malformed JSON"),
+    ("range.yaml", "data:\n  train_as_test: 2\n", "range.yaml: data.train_as_test: must be at most 1.0"),
+]
+
+
+@pytest.mark.parametrize("name,text,message", CONFIG_FILES, ids=[c[0] for c in CONFIG_FILES])
+def test_config_file_problems_name_the_file_and_key(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    result, lines = run(["train", "--config", str(path), "--output-dir", str(tmp_path / "o")], tmp_path)
+    assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "o" / "config.json").exists()
+
+
+def test_command_line_overrides_the_file_and_types_are_kept(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("max_steps: 5\nlr: 1\ndata:\n  max_tokens: 2048\n  task_sources: [synthetic]\n")
+    cfg = resolve(TrainConfig, str(path), {"max_steps": 7, "seed": 3})
+    assert cfg.max_steps == 7 and cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.data.max_tokens == 2048 and cfg.data.seed == 3 and cfg.data.task_sources == ["synthetic"]
+    assert resolve(DataConfig, str(path), {}).max_tokens == 2048  # the data commands read the data section
+    with pytest.raises(ConfigError, match="--max-steps: expected an integer, got True"):
+        resolve(TrainConfig, None, {"max_steps": True})
+
+
+def test_reused_output_dir_is_refused_and_overwrite_starts_clean(tmp_path):
+    out = tmp_path / "run"
+    base = ["train", "--output-dir", str(out), *FAST, "--max-steps", "2", "--save-every", "1"]
+    first, _ = run(base, tmp_path)
+    assert first.exit_code == 0, first.output
+    assert len(list((out / "checkpoints").iterdir())) == 2
+    again, lines = run(base + ["--lr", "3e-4"], tmp_path)
+    assert again.exit_code == 1 and "holds another run; pass --resume to continue it, --overwrite" in lines[0]
+    (out / "notes.txt").write_text("mine")  # not a run output: kept
+    fresh, _ = run(base[:-2] + ["--save-every", "0", "--overwrite"], tmp_path)
+    assert fresh.exit_code == 0, fresh.output
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]  # nothing of the first run is left
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_main_job_config_runs_twice_in_a_row(tmp_path):
+    config = tmp_path / "tiny_cpu.yaml"
+    shutil.copy(ROOT / "configs" / "tiny_cpu.yaml", config)
+    args = ["train", "--config", str(config), "--output-dir", str(tmp_path / "main"), "--max-steps", "2",
+            "--eval-every", "0", "--verify-samples", "0", "--save-every", "0"]
+    for _ in range(2):
+        result, lines = run(args, tmp_path)
+        assert result.exit_code == 0, result.output
+        assert lines[-1].startswith("done: 2 steps") and "model -> " in lines[-1]
+    assert [json.loads(x)["step"] for x in (tmp_path / "main" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_only_invalid_task_under_skip_invalid_says_so(tmp_path):
+    path = tmp_path / "bad_challenges.json"
+    path.write_text(json.dumps({"t1": {"train": [{"input": [[1, 2], [3]], "output": [[1]]}], "test": []}}))
+    result, lines = run(["show-sample", "--task-source", f"kaggle:{path}", "--skip-invalid", "--verify-samples", "0"],
+                        tmp_path)
+    assert result.exit_code == 1 and len(lines) == 1
+    assert "every task is invalid (1 skipped with --skip-invalid)" in lines[0] and "not rectangular" in lines[0]
+
+
+def test_her_line_with_a_raw_line_separator_is_valid(tmp_path):
+    code = "def task(img):\n    s = 'a\u2028b'\n    return img"
+    path = tmp_path / "her.jsonl"
+    path.write_text(json.dumps({"inputs": [[[1]]], "outputs": [[[1]]], "code": code}, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    assert "\u2028" in path.read_text(encoding="utf-8")
+    from arc25_fast.tasks import load_her
+
+    tasks, report = load_her(path)
+    assert len(tasks) == 1 and tasks[0].code == code and not report.skipped
+
+
+def test_stale_extension_build_lock_is_cleared(tmp_path, monkeypatch, capsys):
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    stale = tmp_path / "ext" / "py311_cpu" / "cpu_adam" / "lock"
+    fresh = tmp_path / "ext" / "py311_cpu" / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.write_text("")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    use_private_extensions_dir()
+    assert not stale.exists() and fresh.exists()  # a build in progress elsewhere keeps its lock
+    assert "stale extension build lock" in capsys.readouterr().err
