@@ -83,7 +83,10 @@ def save_hf(model: torch.nn.Module, tokenizer, directory: Path) -> None:
     from .model import sync_tied_head
 
     sync_tied_head(model)
-    model.save_pretrained(str(directory))
+    if hasattr(model, "peft_config"):  # the frozen vocabulary-sized base weights are not part of the adapter
+        model.save_pretrained(str(directory), save_embedding_layers=False)
+    else:
+        model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
 
 

@@ -241,9 +241,10 @@ class PackedCausalLM(nn.Module):
         lm = self.causal_lm
         self.scale, self.softcap = head_transform(lm.config)
         tied = tied_lora_head(lm)
-        if tied is not None:  # its own copies are not trained: the embedding's adapter is
-            for p in (*tied.head.lora_A.parameters(), *tied.head.lora_B.parameters()):
-                p.requires_grad_(False)
+        if tied is not None:  # PEFT's head copies (transposed views) become plain frozen copies, refreshed by
+            for name in tied.head.lora_A:  # sync_tied_head; the embedding's adapter is what trains
+                for layer in (tied.head.lora_A[name], tied.head.lora_B[name]):
+                    layer.weight = nn.Parameter(layer.weight.detach().contiguous().clone(), requires_grad=False)
         self._tied_head = [tied]  # in a list: not a submodule (its parameters belong to the model already)
 
     @property
@@ -336,7 +337,17 @@ def merge_adapter(adapter_dir: str, output_dir: str, base_model: str | None = No
     base_name = base_model or adapter_config["base_model_name_or_path"]
     load_model_config(base_name)
     model = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    peft_model = PeftModel.from_pretrained(model, adapter_dir)
+    tied = tied_lora_head(peft_model.get_base_model())
+    if tied is None:
+        merged = peft_model.merge_and_unload()
+    else:  # the head shares the embedding's weight: merging both would add the same delta twice
+        from peft.tuners.lora import LoraLayer
+
+        for module in peft_model.get_base_model().modules():
+            if isinstance(module, LoraLayer) and module is not tied.head:
+                module.merge()
+        merged = peft_model.unload()
     merged.save_pretrained(output_dir)
     tokenizer_dir = Path(adapter_dir)
     if (tokenizer_dir / "tokenizer_config.json").exists():
