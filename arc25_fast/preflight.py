@@ -24,8 +24,9 @@ from .model import is_random_init, load_model_config, lora_targets
 from .sources import parse_spec
 
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "model", "adapter", "base_model", "train.log",
-               "summary.json", "wandb")
-RUN_OUTPUT_PREFIXES = ("rank", "train_rank")
+               "summary.json", "wandb", "ttt.log", "ttt_summary.json", "evaluate.log", "evaluate_summary.json",
+               "predictions.jsonl", "submission.json")
+RUN_OUTPUT_PREFIXES = ("rank", "train_rank", "ttt_rank", "evaluate_rank")
 STALE_LOCK_S = 600
 RESUME_MAY_CHANGE = {"max_steps", "save_every", "keep_checkpoints", "log_every", "eval_every", "resume", "overwrite",
                      "verbose", "wandb", "wandb_project", "max_bad_steps", "collective_timeout", "threads"}
@@ -40,13 +41,15 @@ class Preflight:
 
 
 def holds_run(output_dir: Path) -> bool:
-    return any((output_dir / name).exists() for name in ("config.json", "checkpoints", "metrics.jsonl"))
+    return any((output_dir / name).exists() for name in ("config.json", "checkpoints", "metrics.jsonl",
+                                                          "ttt_summary.json", "evaluate_summary.json"))
 
 
 def remove_run(output_dir: Path) -> None:
     """Remove a previous run's outputs (only files this trainer writes)."""
     for entry in output_dir.iterdir():
-        if entry.name in RUN_OUTPUTS or entry.name.startswith(RUN_OUTPUT_PREFIXES):
+        task_output = entry.is_dir() and (entry / "task.json").exists() or entry.name.endswith(".tmp")
+        if entry.name in RUN_OUTPUTS or entry.name.startswith(RUN_OUTPUT_PREFIXES) or task_output:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 

