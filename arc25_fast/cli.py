@@ -10,7 +10,17 @@ from typing import Any
 
 import click
 
-from .config import TTT_EXCLUDED, DataConfig, TrainConfig, TTTConfig, field_default, flag_name, resolve
+from .config import (
+    EVAL_DATA_OPTIONS,
+    TTT_EXCLUDED,
+    DataConfig,
+    EvalConfig,
+    TrainConfig,
+    TTTConfig,
+    field_default,
+    flag_name,
+    resolve,
+)
 from .encoding import TokenMismatchError
 from .engine import CollectiveTimeout
 from .faults import EXIT_BAD_INPUT, RunStopped
@@ -75,6 +85,10 @@ class Cli(click.Group):
 @click.group(cls=Cli)
 def main():
     """arc25-fast: train code LLMs on ARC tasks with packed, padding-free batches."""
+    import torch
+
+    if not torch.cuda.is_available():  # DeepSpeed (imported by transformers too) would warn that it probed for one
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 @main.command()
@@ -93,6 +107,17 @@ def ttt(config_file, **values):
     """Test-time training: an adapter per task (or --shared) from each task's demo pairs, leave-one-out."""
     cfg = resolve(TTTConfig, config_file, given(values))
     from .ttt import ttt as run
+
+    run(cfg)
+
+
+@main.command()
+@config_options(EvalConfig, DataConfig, exclude=tuple(f.name for f in fields(DataConfig)
+                                                      if f.name not in EVAL_DATA_OPTIONS))
+def evaluate(config_file, **values):
+    """Sample answers, run programs in a sandbox, score pass@k; write predictions, a submission and HER lines."""
+    cfg = resolve(EvalConfig, config_file, given(values))
+    from .evaluate import evaluate as run
 
     run(cfg)
 

