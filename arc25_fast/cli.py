@@ -147,18 +147,52 @@ def profile_sampling_speed(config_file, n_samples, n_text_samples, workers, json
     _write_json(report, json_path)
 
 
-@main.command("profile-seq-len")
-@config_options(DataConfig)
-@click.option("--n-samples", default=2000, show_default=True, help="Samples per source.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report here.")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG histogram of sample lengths here.")
-def profile_seq_len(config_file, n_samples, json_path, plot, **values):
-    """Sample length statistics per source, and the share each max_tokens would drop."""
-    from .profiling import profile_seq_len as run
+PROFILE_EXCLUDED = ("output_dir", "overwrite", "resume", "eval_every", "val_source", "val_samples", "save_every",
+                    "keep_checkpoints", "log_every", "wandb", "wandb_project", "num_workers", "global_batch_tokens",
+                    "global_batch_samples", "max_steps", "max_bad_steps", "warmup_steps", "lr", "lr_schedule",
+                    "weight_decay", "grad_accum", "max_tokens", "pack_buffer", "eval_tasks", "eval_tasks_every",
+                    "eval_max_tasks", "eval_samples", "eval_prompt_kind", "eval_max_new_tokens", "collective_timeout")
 
-    report = run(resolve(DataConfig, config_file, given(values)), n_samples, Path(plot) if plot else None,
-                 log=click.echo)
-    _write_json(report, json_path)
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+@main.command("profile-seq-len")
+@config_options(TrainConfig, DataConfig, exclude=PROFILE_EXCLUDED)
+@click.option("--grid-sides", default="5,10,20,30", show_default=True, help="Grid sides of the profiled samples.")
+@click.option("--demo-pairs", default="3", show_default=True, help="Demo pairs of the profiled samples.")
+@click.option("--budgets", default="1024,2048,4096,8192,16384,32768", show_default=True,
+              help="Micro-batch token budgets (max_tokens) to time.")
+@click.option("--steps", default=3, show_default=True, help="Timed steps per point (after --warmup).")
+@click.option("--warmup", default=1, show_default=True, help="Untimed steps per point.")
+@click.option("--oom-search/--no-oom-search", default=True, show_default=True,
+              help="On GPU: find the largest token budget that fits, per input size.")
+@click.option("--lengths-only", is_flag=True, help="Only the sample-length statistics of --task-source (no training).")
+@click.option("--n-samples", default=2000, show_default=True, help="Samples per source for the length statistics.")
+@click.option("--report", "report_dir", default="runs/profile-seq-len", show_default=True,
+              type=click.Path(file_okay=False), help="Report folder: report.json, points.csv, table.md, PNG plots.")
+def profile_seq_len(config_file, grid_sides, demo_pairs, budgets, steps, warmup, oom_search, lengths_only, n_samples,
+                    report_dir, **values):
+    """Training speed against input size: tokens/s, samples/s, step split, memory and MFU per grid side, demo
+    pairs and token budget; and the sample-length statistics of the training mix."""
+    cfg = resolve(TrainConfig, config_file, given(values))
+    report_dir = Path(report_dir)
+    if lengths_only:
+        from .profiling import profile_seq_len as lengths
+
+        report = lengths(cfg.data, n_samples, report_dir / "sample_lengths.png", log=click.echo)
+        _write_json(report, str(report_dir / "lengths.json"))
+        return
+    from .profile_training import profile_training
+
+    sides, pairs, sizes = _ints(grid_sides), _ints(demo_pairs), _ints(budgets)
+    if not sides or not pairs or not sizes or min(sides) < 1 or max(sides) > 30 or min(pairs) < 0 or min(sizes) < 64:
+        raise click.BadParameter("grid sides 1..30, demo pairs >= 0, budgets >= 64, each list non-empty")
+    profile_training(cfg, sides, pairs, sizes, steps, warmup, oom_search, report_dir, n_samples, log=click.echo)
 
 
 @main.command("show-sample")

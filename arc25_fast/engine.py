@@ -46,11 +46,19 @@ def init_distributed(device_type: str, timeout_s: float = 900.0, private: bool =
 
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    if "RANK" not in os.environ or private:
+    own = "RANK" not in os.environ or private
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    if own:
         os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         os.environ.setdefault("LOCAL_RANK", "0")
     deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", auto_mpi_discovery=False,
                                timeout=timedelta(seconds=timeout_s))
+    if own:  # leave the environment as it was: processes started later must not inherit this group's address
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 

@@ -5,8 +5,10 @@ block's own generators, so any sample can be replayed from its uid alone; a stre
 small JSON-able state (the next uid, the uids waiting in the packing buffer, the bins packed but not yet
 yielded), and restoring it makes a resumed run see exactly the micro-batches of the uninterrupted run.
 """
+import atexit
 import os
 import signal
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -218,10 +220,24 @@ def worker_init(worker_id: int) -> None:
         os._exit(1)
 
 
+_LOADERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_workers() -> None:
+    """Workers ignore SIGTERM (see ``worker_init``), so multiprocessing's exit-time terminate cannot stop them: ask
+    every live loader to shut its workers down first (this runs before multiprocessing's own exit hook)."""
+    for it in list(_LOADERS):
+        it._shutdown_workers()
+
+
 def loader(dataset: "PackedDataset", num_workers: int) -> Iterator[dict]:
     """Micro-batches as tensors, produced by ``num_workers`` processes (0: in this one)."""
-    batches = DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=as_is,
-                         prefetch_factor=8 if num_workers else None, worker_init_fn=worker_init if num_workers else None)
+    batches = iter(DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=as_is,
+                              prefetch_factor=8 if num_workers else None,
+                              worker_init_fn=worker_init if num_workers else None))
+    if num_workers:
+        _LOADERS.add(batches)
     return map(to_torch, batches)
 
 

@@ -80,8 +80,32 @@ def resolve_grad_accum(cfg: TrainConfig, world: int, mix, encoder) -> int:
     return cfg.grad_accum
 
 
+class StepTimer:
+    """Seconds spent in forward, backward and optimizer (profiling only: it synchronises the device at each mark)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        self._last = time.perf_counter()
+
+    def start(self) -> None:
+        self._sync()
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        self._sync()
+        now = time.perf_counter()
+        self.seconds[phase] += now - self._last
+        self._last = now
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
 def optimizer_step(engine, micro: list[dict], lr: float, device: torch.device, world: int,
-                   position: DataPosition | None = None, stop_requested: bool = False) -> dict:
+                   position: DataPosition | None = None, stop_requested: bool = False,
+                   timer: StepTimer | None = None) -> dict:
     """One optimizer step over this rank's micro-batches; the loss is the mean over the global batch's labels.
 
     A non-finite micro-batch loss turns that micro-batch's gradient into NaN (on the device, no sync), so DeepSpeed's
@@ -99,11 +123,19 @@ def optimizer_step(engine, micro: list[dict], lr: float, device: torch.device, w
         torch.cuda.reset_peak_memory_stats(device)
     totals = torch.zeros(7, dtype=torch.float64, device=device)  # loss, 5 stats, stop flag
     normaliser = world / n_labels
+    if timer is not None:
+        timer.start()
     for batch in micro:
         loss, stats = engine(**model_inputs(batch, device))
+        if timer is not None:
+            timer.mark("forward")
         poison = torch.where(torch.isfinite(loss), 1.0, float("nan"))
         engine.backward(loss * (poison * normaliser), scale_wrt_gas=False)
+        if timer is not None:
+            timer.mark("backward")
         engine.step()
+        if timer is not None:
+            timer.mark("optimizer")
         totals[0] += loss.detach().double()
         totals[1:6] += stats
         if position is not None:
