@@ -148,3 +148,31 @@ def test_a_non_finite_step_changes_no_weight_and_no_optimizer_state(default_mix,
     assert after.keys() == state.keys()
     for key, value in state.items():
         assert torch.equal(after[key], value), key
+
+
+@pytest.mark.parametrize("trainable,bias,scale,softcap", [(False, False, 1.0, None), (True, True, 0.3, 4.0),
+                                                          (True, False, 2.0, None)])
+def test_fused_linear_cross_entropy_equals_autograd(trainable, bias, scale, softcap):
+    """A plain linear head takes the fused path: loss and gradients computed together, nothing recomputed."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    hidden = torch.randn(60, 16, requires_grad=True)
+    head = nn.Linear(16, 50, bias=bias)
+    head.weight.requires_grad_(trainable)
+    targets, positions = torch.randint(0, 50, (60,)), torch.arange(0, 60, 2)
+    answer = positions >= 40
+    wrt = [hidden] + ([head.weight] + ([head.bias] if bias else []) if trainable else [])
+    loss, stats = chunked_cross_entropy(hidden, head, positions, targets[positions], answer, 7, scale, softcap)
+    grads = torch.autograd.grad(loss, wrt)
+    logits = head(hidden[positions]) * scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    token_losses = F.cross_entropy(logits, targets[positions], reduction="none")
+    want = torch.autograd.grad(token_losses.sum(), wrt)
+    torch.testing.assert_close(loss, token_losses.sum())
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert stats[0] == 30 and stats[3] == int(answer.sum())
+    assert stats[1] == int((logits.argmax(-1) == targets[positions]).sum())
+    torch.testing.assert_close(float(stats[2]), float(token_losses[answer].sum().detach()), rtol=1e-5, atol=1e-5)
