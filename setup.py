@@ -22,7 +22,13 @@ setup(
         "matplotlib>=3.8",
         "pyyaml>=6.0",
         "tqdm>=4.66",
+        "psutil>=5.9",
     ],
-    extras_require={"flash-attn": ["flash-attn>=2.6"], "test": ["pytest>=8"]},
+    extras_require={
+        "flash-attn": ["flash-attn>=2.6"],
+        "vllm": ["vllm>=0.8"],
+        "bench": ["trl>=1.0", "datasets>=3.0"],  # benchmarks/ only, never needed to train
+        "test": ["pytest>=8"],
+    },
     entry_points={"console_scripts": ["arc25-fast=arc25_fast.cli:main"]},
 )

@@ -72,8 +72,8 @@ class TrainConfig:
     dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.", choices=("auto", "bf16", "fp32"))
     attn: str = option("auto", "Attention on packed batches: auto, flash-attn, torch-varlen or sdpa (per-sample, "
                        "any device).", choices=("auto", "flash-attn", "torch-varlen", "sdpa"))
-    threads: int = option(0, "torch threads per rank (0: this node's cores / ranks, less one per data worker "
-                          "beyond the first, at least 1).", min=0)
+    threads: int = option(0, "torch threads per rank (0: this node's idle cores / ranks, less one per data worker "
+                          "beyond the first, at least 1; OMP_NUM_THREADS wins when set).", min=0)
     lora: bool = option(True, "Train a LoRA adapter (--no-lora: full fine-tuning).")
     lora_variant: str = option("lora", "lora, dora or rslora.", choices=("lora", "dora", "rslora"))
     lora_rank: int = option(16, "LoRA rank.", min=1)

@@ -13,7 +13,7 @@ from .encoding import FastEncoder, TextEncoder
 from .pipeline import build_pipeline, packing_config
 from .rng import Rng
 from .sources import Mix
-from .stream import PackedDataset, PackedStream, loader
+from .stream import Loader, PackedDataset, PackedStream
 
 
 def machine() -> str:
@@ -22,23 +22,21 @@ def machine() -> str:
 
 def _run_stream(mix: Mix, encoder, cfg: DataConfig, n_samples: int) -> dict:
     stream = PackedStream(mix, encoder, packing_config(cfg), cfg.seed)
-    lengths = []
     start = time.perf_counter()
-    for batch in stream:
-        lengths += np.diff(batch["cu_seqlens"]).tolist()
+    for _ in stream:
         if stream.stats.samples >= n_samples:
             break
     seconds = time.perf_counter() - start
     s = stream.stats
     return {"samples": s.samples, "seconds": seconds, "samples_per_s": s.samples / seconds,
             "tokens_per_s": s.tokens / seconds, "packing_efficiency": s.packing_efficiency,
-            "dropped_samples": s.dropped, "micro_batches": s.micro_batches, "lengths": lengths}
+            "dropped_samples": s.dropped, "micro_batches": s.micro_batches}
 
 
 def _run_workers(mix: Mix, encoder, cfg: DataConfig, workers: int, n_samples: int) -> dict:
     dataset = PackedDataset(mix, encoder, packing_config(cfg), cfg.seed, rank=0, num_workers=workers)
     samples = tokens = 0
-    it = loader(dataset, workers)
+    it = Loader(dataset, workers)
     next(it)  # start-up (worker processes, numba compilation) is not throughput
     start = time.perf_counter()
     while samples < n_samples:
@@ -46,28 +44,55 @@ def _run_workers(mix: Mix, encoder, cfg: DataConfig, workers: int, n_samples: in
         samples += batch["n_samples"]
         tokens += batch["input_ids"].numel()
     seconds = time.perf_counter() - start
-    del it
+    it.close()
     return {"workers": workers, "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds}
 
 
-def _histogram(lengths: list[int], bins: int = 20) -> dict:
-    counts, edges = np.histogram(lengths, bins=bins)
-    return {"counts": counts.tolist(), "edges": edges.round(1).tolist()}
+def sample_lengths(mix: Mix, encoder, specs: list[str], seed: int, n_samples: int) -> dict[str, np.ndarray]:
+    """Token lengths of ``n_samples`` samples of each source (and of the mix), those past any budget included."""
+    out = {}
+    for i, spec in enumerate(specs):
+        rng = Rng.for_block(seed, 0, 0, i)
+        out[spec] = np.array([len(encoder.encode(mix.sources[i].sample(rng))) for _ in range(n_samples)])
+    if len(specs) > 1:
+        rng = Rng.for_block(seed, 0, 1, 0)
+        out["mix"] = np.array([len(encoder.encode(mix.sample(rng))) for _ in range(n_samples)])
+    return out
 
 
-def plot_lengths(per_source: dict[str, list[int]], max_tokens: int, path: Path) -> None:
+def shared_bins(lengths: dict[str, np.ndarray], max_tokens: int, n_bins: int = 60) -> np.ndarray:
+    """One set of bin edges for every source, wide enough to show the samples past ``max_tokens``."""
+    top = max(int(max(x.max() for x in lengths.values())), max_tokens) + 1
+    return np.linspace(0, top, n_bins + 1)
+
+
+def histogram(lengths: np.ndarray, edges: np.ndarray, max_tokens: int) -> dict:
+    counts, _ = np.histogram(lengths, bins=edges)
+    return {"counts": counts.tolist(), "edges": edges.round(1).tolist(), "dropped": int((lengths > max_tokens).sum())}
+
+
+def plot_lengths(lengths: dict[str, np.ndarray], max_tokens: int, path: Path) -> None:
+    """Small multiples, one panel per source (and the mix), on shared bins; samples past ``max_tokens`` (dropped,
+    never truncated) are shaded and counted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, lengths in per_source.items():
-        ax.hist(lengths, bins=40, alpha=0.5, label=f"{name} (n={len(lengths)})")
-    ax.axvline(max_tokens, color="k", linestyle="--", label=f"max_tokens={max_tokens}")
-    ax.set_xlabel("sample length (tokens)")
-    ax.set_ylabel("samples")
-    ax.legend(fontsize=8)
+    edges = shared_bins(lengths, max_tokens)
+    fig, axes = plt.subplots(len(lengths), 1, figsize=(8, 1.9 * len(lengths) + 0.8), sharex=True, squeeze=False)
+    for ax, (name, lens), color in zip(axes[:, 0], lengths.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        counts, _, patches = ax.hist(lens, bins=edges, color=color, alpha=0.85)
+        for patch, left in zip(patches, edges[:-1]):
+            if left >= max_tokens:
+                patch.set_alpha(0.35)
+        dropped = int((lens > max_tokens).sum())
+        ax.axvspan(max_tokens, edges[-1], color="grey", alpha=0.12)
+        ax.axvline(max_tokens, color="k", linestyle="--", linewidth=1)
+        ax.set_title(f"{name}: n={len(lens)}, median {int(np.median(lens))} tokens, longer than max_tokens "
+                     f"(dropped): {dropped} ({100 * dropped / len(lens):.1f}%)", fontsize=8, loc="left")
+        ax.set_ylabel("samples", fontsize=8)
+    axes[-1, 0].set_xlabel(f"sample length (tokens); dashed: max_tokens={max_tokens}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -93,23 +118,25 @@ def profile_sampling_speed(cfg: DataConfig, n_samples: int, n_text_samples: int,
         _run_stream(group_mix, encoder, group_cfg, 64)  # warm-up: numba compilation, chunk cache
         fast = _run_stream(group_mix, encoder, group_cfg, n_samples)
         text = _run_stream(group_mix, text_encoder, group_cfg, n_text_samples)
-        lengths[name] = fast.pop("lengths")
-        text.pop("lengths")
         entry = {**fast, "text_path_samples_per_s": text["samples_per_s"],
                  "text_path_tokens_per_s": text["tokens_per_s"],
                  "speedup_vs_text_path": fast["samples_per_s"] / text["samples_per_s"],
-                 "length_histogram": _histogram(lengths[name]),
                  "workers": [_run_workers(group_mix, encoder, group_cfg, w, n_samples) for w in workers]}
         report["sources"][name] = entry
         log(f"{name}: {entry['samples_per_s']:,.0f} samples/s, {entry['tokens_per_s']:,.0f} tokens/s (1 core); "
             f"text path {entry['text_path_samples_per_s']:,.0f} samples/s; speedup {entry['speedup_vs_text_path']:.1f}x; "
             f"packing efficiency {entry['packing_efficiency']:.4f}; dropped {entry['dropped_samples']}; "
             + "; ".join(f"{w['workers']} workers: {w['samples_per_s']:,.0f} samples/s" for w in entry["workers"]))
+    lengths = sample_lengths(mix, encoder, cfg.task_sources, cfg.seed, min(n_samples, 2000))
+    edges = shared_bins(lengths, cfg.max_tokens)
+    for name, lens in lengths.items():
+        report["sources"][name]["length_histogram"] = histogram(lens, edges, cfg.max_tokens)
     headline = report["sources"]["mix" if "mix" in report["sources"] else cfg.task_sources[0]]
     for key in ("samples_per_s", "tokens_per_s", "packing_efficiency", "text_path_samples_per_s",
                 "speedup_vs_text_path", "dropped_samples"):
         report[key] = headline[key]
     if plot:
+        plot.parent.mkdir(parents=True, exist_ok=True)
         plot_lengths(lengths, cfg.max_tokens, plot)
         report["plot"] = str(plot)
     return report
@@ -118,12 +145,9 @@ def profile_sampling_speed(cfg: DataConfig, n_samples: int, n_text_samples: int,
 def profile_seq_len(cfg: DataConfig, n_samples: int, plot: Path | None, log=print) -> dict:
     """Length percentiles per source, and what share each candidate ``max_tokens`` would drop."""
     mix, encoder = build_pipeline(cfg)
-    report = {"tokenizer": cfg.tokenizer, "grid_format": cfg.grid_format, "sources": {}}
-    lengths = {}
-    for i, spec in enumerate(cfg.task_sources):
-        rng = Rng.for_block(cfg.seed, 0, 0, i)
-        lens = np.array([len(encoder.encode(mix.sources[i].sample(rng))) for _ in range(n_samples)])
-        lengths[spec] = lens.tolist()
+    report = {"tokenizer": cfg.tokenizer, "grid_format": cfg.grid_format, "max_tokens": cfg.max_tokens, "sources": {}}
+    lengths = sample_lengths(mix, encoder, cfg.task_sources, cfg.seed, n_samples)
+    for spec, lens in lengths.items():
         entry = {"samples": n_samples, "mean": float(lens.mean()), "max": int(lens.max()),
                  "percentiles": {str(p): float(np.percentile(lens, p)) for p in (50, 90, 95, 99)},
                  "dropped_share": {str(m): float((lens > m).mean()) for m in (2048, 4096, 8192, 16384, 32768)}}
@@ -132,6 +156,7 @@ def profile_seq_len(cfg: DataConfig, n_samples: int, plot: Path | None, log=prin
             f"p95 {entry['percentiles']['95']:.0f}, p99 {entry['percentiles']['99']:.0f}, max {entry['max']}; dropped at "
             + ", ".join(f"{m}: {100 * s:.1f}%" for m, s in entry["dropped_share"].items()))
     if plot:
+        plot.parent.mkdir(parents=True, exist_ok=True)
         plot_lengths(lengths, cfg.max_tokens, plot)
         report["plot"] = str(plot)
     return report

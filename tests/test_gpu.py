@@ -1,0 +1,61 @@
+"""GPU-only checks (they skip on CPU; ``scripts/gpu_check.sh`` runs them on a CUDA machine): the real varlen kernels
+on packed batches in bf16, bitwise per sequence where the kernel can be made batch-invariant."""
+import pytest
+import torch
+from arc25_fast.kernels import attention
+from test_reference_kernels import per_sample_reference
+
+from arc25_fast.model import PackedCausalLM, load_base_model
+from arc25_fast.validation import model_inputs
+
+CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run scripts/gpu_check.sh on one)")
+
+
+def packed_qkv(lengths, heads=4, kv_heads=2, dim=64, dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    total = sum(lengths)
+    q = torch.randn(total, heads, dim, device="cuda", dtype=dtype)
+    k = torch.randn(total, kv_heads, dim, device="cuda", dtype=dtype)
+    v = torch.randn(total, kv_heads, dim, device="cuda", dtype=dtype)
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    return q, k, v, bounds
+
+
+@pytest.mark.parametrize("window", [None, 37])
+def test_torch_varlen_is_bitwise_per_sequence_with_one_split(window):
+    from torch.nn.attention.varlen import varlen_attn
+
+    lengths = [300, 17, 1024, 5]
+    q, k, v, bounds = packed_qkv(lengths)
+    cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
+    left = -1 if window is None else window - 1
+    packed = varlen_attn(q, k, v, cu, cu, max(lengths), max(lengths), window_size=(left, 0), enable_gqa=True,
+                         num_splits=1)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        one = torch.tensor([0, e - s], dtype=torch.int32, device="cuda")
+        alone = varlen_attn(q[s:e], k[s:e], v[s:e], one, one, e - s, e - s, window_size=(left, 0), enable_gqa=True,
+                            num_splits=1)
+        assert torch.equal(packed[s:e], alone)
+
+
+@pytest.mark.parametrize("backend", ["torch-varlen", "flash-attn"])
+def test_packed_equals_per_sample_in_bf16(default_mix, tiny_tokenizer, backend):
+    if backend not in attention.available_backends(torch.device("cuda")):
+        pytest.skip(f"{backend} is not installed")
+    from arc25_fast.encoding import FastEncoder
+    from arc25_fast.stream import PackedStream, PackingConfig, to_torch
+
+    stream = PackedStream(default_mix, FastEncoder(tiny_tokenizer), PackingConfig(max_tokens=4000, buffer_size=32),
+                          seed=3)
+    batch = next(to_torch(b) for b in stream if len(b["cu_seqlens"]) >= 4)
+    key = attention.register(backend)
+    model = load_base_model("tiny", len(tiny_tokenizer), torch.bfloat16, key).cuda().eval()
+    b = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    with torch.no_grad():
+        loss, stats = PackedCausalLM(model)(**model_inputs(b, torch.device("cuda")))
+        model.set_attn_implementation("eager")
+        want = per_sample_reference(model, b)
+    torch.testing.assert_close(loss.float() / stats[0].float(), want.float() / stats[0].float(), rtol=2e-2, atol=2e-2)
