@@ -322,7 +322,7 @@ class EvalConfig:
     memory_mb: int = option(1024, "Memory a program may allocate (MiB).", min=16)
     dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.", choices=("auto", "bf16", "fp32"))
     max_tasks: int = option(0, "Only the first N tasks (0: all).", min=0)
-    threads: int = option(0, "torch threads (0: this node's cores / ranks).", min=0)
+    threads: int = option(0, "torch threads (0: this node's idle cores / ranks; OMP_NUM_THREADS wins when set).", min=0)
 
 
 EVAL_DATA_OPTIONS = ("tokenizer", "grid_format", "encoder", "verify_samples", "keep_background", "skip_invalid",

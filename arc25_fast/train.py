@@ -58,7 +58,8 @@ def set_threads(requested: int, num_workers: int) -> int:
     else:
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        available = min(cores, round(idle_cores()))
+        # with several local ranks the others are busy by design (and still starting): share the cores by division
+        available = cores if local_ranks > 1 else min(cores, round(idle_cores()))
         threads = max(1, min(cores, available) // local_ranks - max(0, num_workers - 1))
         if available < cores:
             note(f"{cores - available} of {cores} cores are busy with other processes: {threads} torch thread(s) per "

