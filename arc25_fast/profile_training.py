@@ -191,16 +191,17 @@ def write_report(report: dict, folder: Path) -> None:
         writer.writeheader()
         writer.writerows(report["points"])
     rows = ["| grid side | demo pairs | max_tokens | sample tokens | tokens/s | samples/s | step s (fwd / bwd / opt) | "
-            "peak memory GiB | MFU |", "|---|---|---|---|---|---|---|---|---|"]
+            "data wait s | peak memory GiB | MFU |", "|---|---|---|---|---|---|---|---|---|---|"]
     for p in report["points"]:
         if "skipped" in p:
             rows.append(f"| {p['grid_side']} | {p['demo_pairs']} | {p['max_tokens']} | {p.get('sample_tokens', '')} | "
-                        f"{p['skipped']} | | | | |")
+                        f"{p['skipped']} | | | | | |")
             continue
         mfu = f"{100 * p['mfu']:.1f}%" if "mfu" in p else "-"
         rows.append(f"| {p['grid_side']} | {p['demo_pairs']} | {p['max_tokens']} | {p['sample_tokens']} | "
                     f"{p['tokens_per_s']:,.0f} | {p['samples_per_s']:.2f} | {p['step_s']:.3f} ({p['forward_s']:.3f} / "
-                    f"{p['backward_s']:.3f} / {p['optimizer_s']:.3f}) | {p['peak_mem_bytes'] / 2**30:.2f} | {mfu} |")
+                    f"{p['backward_s']:.3f} / {p['optimizer_s']:.3f}) | {p['data_wait_s']:.4f} | "
+                    f"{p['peak_mem_bytes'] / 2**30:.2f} | {mfu} |")
     fits = "".join(f"\n- {k}: {v} tokens" for k, v in report["max_tokens_fit"].items())
     (folder / "table.md").write_text("\n".join(rows) + "\n" + (f"\nLargest budget that fits:{fits}\n" if fits else ""))
     plot_points(report, folder)

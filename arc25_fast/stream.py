@@ -259,7 +259,7 @@ class Loader:
     def close(self) -> None:
         """Kill the workers (they hold nothing the trainer needs: the data position lives in the trainer), then let
         torch release its queues. Torch's SIGCHLD check is told first, or it would report the kill as a crash."""
-        it = self._batches
+        it = getattr(self, "_batches", None)  # None: the DataLoader itself failed to start
         workers = getattr(it, "_workers", [])
         if not workers or it._shutdown:
             return
