@@ -39,11 +39,13 @@ from .validation import evaluate_loss, model_inputs, validation_batches
 
 
 def idle_cores(seconds: float = 0.25) -> float:
-    """Cores not used by other processes right now (sampled before this process starts working)."""
+    """Cores of this process's CPU set not used by other processes right now (sampled before this process starts
+    working; per CPU, so that busy cores outside the set do not count)."""
     import psutil
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cores * (1.0 - psutil.cpu_percent(interval=seconds) / 100.0)
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    busy = psutil.cpu_percent(interval=seconds, percpu=True)
+    return sum(1.0 - busy[c] / 100.0 for c in cpus if c < len(busy))
 
 
 def set_threads(requested: int, num_workers: int) -> int:
