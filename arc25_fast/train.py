@@ -38,12 +38,11 @@ from .stream import DataPosition, Loader, PackedDataset, PackedStream
 from .validation import evaluate_loss, model_inputs, validation_batches
 
 
-def idle_cores(seconds: float = 0.25) -> float:
-    """Cores of this process's CPU set not used by other processes right now (sampled before this process starts
+def idle_cores(cpus: set[int], seconds: float = 0.25) -> float:
+    """How much of the CPUs ``cpus`` other processes leave idle right now (sampled before this process starts
     working; per CPU, so that busy cores outside the set do not count)."""
     import psutil
 
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     busy = psutil.cpu_percent(interval=seconds, percpu=True)
     return sum(1.0 - busy[c] / 100.0 for c in cpus if c < len(busy))
 
@@ -59,10 +58,11 @@ def set_threads(requested: int, num_workers: int) -> int:
         return torch.get_num_threads()
     else:
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        cores = len(cpus)
         # with several local ranks the others are busy by design (and still starting): share the cores by division
-        available = cores if local_ranks > 1 else min(cores, round(idle_cores()))
-        threads = max(1, min(cores, available) // local_ranks - max(0, num_workers - 1))
+        available = cores if local_ranks > 1 else min(cores, round(idle_cores(cpus)))
+        threads = max(1, available // local_ranks - max(0, num_workers - 1))
         if available < cores:
             note(f"{cores - available} of {cores} cores are busy with other processes: {threads} torch thread(s) per "
                  "rank (--threads N to choose)")
