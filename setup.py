@@ -23,6 +23,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "psutil>=5.9",
+        "pyseccomp>=0.1.2",  # the sandbox's syscall filter, over the system's libseccomp
     ],
     extras_require={
         "flash-attn": ["flash-attn>=2.6"],

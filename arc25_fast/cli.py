@@ -24,6 +24,7 @@ from .config import (
 from .encoding import TokenMismatchError
 from .engine import CollectiveTimeout
 from .faults import EXIT_BAD_INPUT, RunStopped
+from .isolation import SandboxUnavailable
 
 
 def _click_type(tp: Any):
@@ -75,7 +76,8 @@ class Cli(click.Group):
         except RunStopped as e:
             click.echo(str(e), err=True)
             ctx.exit(e.exit_code)
-        except (ValueError, TokenMismatchError, CollectiveTimeout, NotImplementedError, OSError) as e:
+        except (ValueError, TokenMismatchError, CollectiveTimeout, NotImplementedError, OSError,
+                SandboxUnavailable) as e:
             if os.environ.get("ARC25_DEBUG"):
                 raise
             click.echo(f"Error: {one_line(e)}", err=True)
@@ -156,7 +158,8 @@ PROFILE_EXCLUDED = ("output_dir", "overwrite", "resume", "eval_every", "val_sour
                     "keep_checkpoints", "log_every", "wandb", "wandb_project", "num_workers", "global_batch_tokens",
                     "global_batch_samples", "max_steps", "max_bad_steps", "warmup_steps", "lr", "lr_schedule",
                     "weight_decay", "grad_accum", "max_tokens", "pack_buffer", "eval_tasks", "eval_tasks_every",
-                    "eval_max_tasks", "eval_samples", "eval_prompt_kind", "eval_max_new_tokens", "collective_timeout")
+                    "eval_max_tasks", "eval_samples", "eval_prompt_kind", "eval_max_new_tokens", "collective_timeout",
+                    "unsafe_sandbox")
 
 
 def _ints(text: str) -> list[int]:

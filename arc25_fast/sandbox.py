@@ -1,26 +1,20 @@
-"""Running model-written programs safely: never in the trainer's or evaluator's interpreter.
+"""Running model-written programs: never in the trainer's or evaluator's interpreter, and never trusted.
 
-A ``SandboxPool`` keeps N worker processes (``python -m arc25_fast.sandbox``, a clean interpreter with NumPy and the
-drawing DSL). For each program a worker forks a child that runs it on every input, and dies after:
+A ``SandboxPool`` keeps N worker processes (``python -m arc25_fast.sandbox``), each in the isolation that
+``isolation`` sets up (bubblewrap namespaces with a minimal read-only file view, a clean environment). A worker has
+NumPy and the drawing DSL loaded; for each program it forks a child that confines itself further (Landlock,
+seccomp, limits, an audit hook as a tripwire), runs the program on every input, reports JSON on a pipe and is
+killed. The worker is not dumpable and the child holds none of its descriptors, so the job channel is out of reach.
 
-- its own session (the worker kills the whole process group afterwards: nothing it started survives);
-- limits: CPU seconds (``RLIMIT_CPU``), address space (``RLIMIT_AS``, so a 10 GB allocation is a ``MemoryError``),
-  file size, open files, processes (``RLIMIT_NPROC``; root is exempt, see the next point), no core dumps;
-- an audit hook that refuses process creation (fork, exec, spawn, ``os.system``, ``subprocess``), sockets,
-  ``ctypes``, signals to other processes, and any write, rename or delete outside its scratch directory;
-- no network namespace when the kernel allows one (``unshare(CLONE_NEWNET)``), on top of the socket ban;
-- stdin, stdout and stderr on ``/dev/null`` (megabytes of prints cost nothing); a per-call wall-clock alarm, and
-  the worker's own deadline for the whole program, after which the process group is killed.
-
-The child reports JSON (never pickle), validated again by the worker: every output must be a list of lists of
-ints 0-9, rectangular, at most 30x30. An infinite loop, a fork bomb, ``os.system``, a huge allocation,
-``sys.exit``, ``os._exit``, a segfault or a flood of output each cost one failed program, never the run.
+The pool trusts nothing it reads: every reply has a length cap and a deadline and is validated strictly; a worker
+that stalls, dies or breaks the protocol is killed and replaced, and only the program in flight fails. Outputs must
+be lists of lists of ints 0-9, rectangular, at most 30x30.
 """
-import ctypes
 import json
 import os
 import queue
 import resource
+import secrets
 import select
 import signal
 import struct
@@ -29,13 +23,18 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .isolation import SCRATCH, Layers, bwrap_command, resolve, worker_env
+
 MAX_SIDE = 30
 MAX_REPORT_BYTES = 1 << 20
+MAX_ERROR = 300
+READY_SECONDS = 60.0  # a worker's start (imports, compiling the DSL) on a busy machine
+REPLY_MARGIN = 5.0  # seconds a worker may take beyond its program's own deadline
 BLOCKED_EVENTS = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "subprocess.Popen",
                   "os.kill", "os.killpg", "pty.spawn", "os.setuid", "os.setgid", "os.putenv", "os.unsetenv",
                   "resource.setrlimit", "sys.addaudithook", "os.startfile", "webbrowser.open"}
@@ -44,6 +43,9 @@ BLOCKED_PREFIXES = ("socket.", "ctypes.", "_ctypes", "urllib.", "http.", "ftplib
 PATH_EVENTS = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.truncate", "os.chmod", "os.chown", "os.symlink",
                "os.link", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.move", "os.chflags", "os.lchown"}
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+PRELOADED = ("math", "cmath", "itertools", "collections", "functools", "operator", "heapq", "bisect", "random",
+             "copy", "re", "string", "typing", "dataclasses", "statistics", "fractions", "decimal", "array",
+             "numpy.linalg", "numpy.fft", "numpy.random")  # loaded by the worker: a program's imports cost nothing
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,8 @@ class Limits:
     call_seconds: float = 2.0  # wall clock per call of task(img)
     cpu_seconds: int = 10  # CPU time of the whole program (all calls)
     memory_bytes: int = 1 << 30  # address space beyond what the worker already maps
-    file_bytes: int = 1 << 20
+    file_bytes: int = 1 << 20  # largest file a program may write
+    scratch_bytes: int = 64 << 20  # its scratch directory, in all (a tmpfs under the namespaces layer)
     processes: int = 64
 
 
@@ -95,9 +98,40 @@ def valid_grid(value) -> list[list[int]] | None:
     return rows
 
 
-# ---- the child: one program, then exit -------------------------------------------------------------------------
+class ProtocolError(ValueError):
+    """A report or reply that is not what the protocol allows."""
+
+
+def checked_report(report, n_inputs: int) -> dict:
+    """A report reduced to exactly what the protocol allows, or ``ProtocolError``: a dict with ``outputs`` (one grid
+    or None per input), ``errors`` (one short string or None per input) and ``error`` (None or a short string)."""
+    if not isinstance(report, dict) or not set(report) <= {"outputs", "errors", "error", "retire"}:
+        raise ProtocolError("the report is not a dict of outputs, errors and error")
+    error = report.get("error")
+    if error is not None and not isinstance(error, str):
+        raise ProtocolError("error is not a string")
+    if not isinstance(report.get("retire", False), bool):
+        raise ProtocolError("retire is not a bool")
+    if error is not None:
+        return {"outputs": [None] * n_inputs, "errors": [None] * n_inputs, "error": error[:MAX_ERROR]}
+    outputs, errors = report.get("outputs"), report.get("errors")
+    if not isinstance(outputs, list) or not isinstance(errors, list) or len(outputs) != n_inputs \
+            or len(errors) != n_inputs:
+        raise ProtocolError("outputs and errors must be lists with one entry per input")
+    grids = [None if o is None else valid_grid(o) for o in outputs]
+    if any(g is None and o is not None for g, o in zip(grids, outputs)):
+        raise ProtocolError("an output is neither a grid nor null")
+    if any(e is not None and not isinstance(e, str) for e in errors):
+        raise ProtocolError("an error is neither a string nor null")
+    errors = [(e or None) and e[:MAX_ERROR] for e in errors]
+    errors = [e or ("the output is not a grid" if g is None else None) for g, e in zip(grids, errors)]
+    return {"outputs": grids, "errors": errors, "error": None}
+
+
+# ---- the program's process: confine, run, report, exit ----------------------------------------------------------
 
 def _audit(scratch: str):
+    """The tripwire: clear messages for the commonest misdeeds. Not a boundary (see ``isolation``)."""
     def inside(path) -> bool:
         if isinstance(path, int):
             return True
@@ -120,33 +154,43 @@ def _audit(scratch: str):
     return hook
 
 
-def _no_network() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET (root); else try a user namespace as well
-            libc.unshare(0x10000000 | 0x40000000)
-    except (OSError, AttributeError):
-        pass
+def _confine(ctx: "WorkerContext", limits: Limits, report_fd: int) -> None:
+    """Everything between fork and the program: a session of its own, no descriptor of the worker's, limits,
+    Landlock, seccomp, then the tripwire."""
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    keep = sorted({0, 1, 2, report_fd} | ({ctx.ruleset_fd} if ctx.ruleset_fd is not None else set()))
+    for low, high in zip(keep, keep[1:] + [1 << 20]):
+        os.closerange(low + 1, high)
+    mapped = _mapped_bytes()
+    for limit, value in ((resource.RLIMIT_CPU, limits.cpu_seconds), (resource.RLIMIT_AS, mapped +
+                         limits.memory_bytes), (resource.RLIMIT_FSIZE, limits.file_bytes),
+                         (resource.RLIMIT_NPROC, limits.processes), (resource.RLIMIT_CORE, 0),
+                         (resource.RLIMIT_NOFILE, 64)):
+        try:
+            resource.setrlimit(limit, (value, value))
+        except (ValueError, OSError):
+            pass
+    os.chdir(ctx.work)
+    if ctx.ruleset_fd is not None:
+        from .isolation import landlock_enforce
+
+        landlock_enforce(ctx.ruleset_fd)
+        os.close(ctx.ruleset_fd)
+    if ctx.seccomp is not None:
+        from .isolation import seccomp_load
+
+        seccomp_load(ctx.seccomp)
+    if ctx.layers.hook:
+        sys.addaudithook(_audit(ctx.work))
 
 
-def _run_child(code: str, inputs: list, limits: Limits, scratch: str, report_fd: int) -> None:
-    """In the forked child: limit, isolate, run, report, exit. Never returns."""
+def _run_child(code: str, inputs: list, limits: Limits, ctx: "WorkerContext", report_fd: int) -> None:
+    """In the forked child: confine, run, report, exit. Never returns."""
     try:
-        os.setsid()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        mapped = _mapped_bytes()
-        for limit, value in ((resource.RLIMIT_CPU, limits.cpu_seconds), (resource.RLIMIT_AS, mapped +
-                             limits.memory_bytes), (resource.RLIMIT_FSIZE, limits.file_bytes),
-                             (resource.RLIMIT_NPROC, limits.processes), (resource.RLIMIT_CORE, 0),
-                             (resource.RLIMIT_NOFILE, 64)):
-            try:
-                resource.setrlimit(limit, (value, value))
-            except (ValueError, OSError):
-                pass
-        os.chdir(scratch)
-        _no_network()
+        _confine(ctx, limits, report_fd)
         from .synthetic import DSL
 
         namespace = {"__name__": "__program__", "np": np, "numpy": np, **DSL}
@@ -156,14 +200,13 @@ def _run_child(code: str, inputs: list, limits: Limits, scratch: str, report_fd:
             raise TimeoutError(f"call took more than {limits.call_seconds:g} s")
 
         signal.signal(signal.SIGALRM, alarm)
-        sys.addaudithook(_audit(scratch))
         try:
             exec(compile(code, "<program>", "exec"), namespace)
             task = namespace.get("task")
             if not callable(task):
                 raise NameError("the program defines no function task(img)")
         except BaseException as e:  # noqa: BLE001 - anything the program does is its own failure
-            error, task = f"{type(e).__name__}: {e}"[:300], None
+            error, task = f"{type(e).__name__}: {e}"[:MAX_ERROR], None
         for grid in inputs if task is not None else []:
             try:
                 signal.setitimer(signal.ITIMER_REAL, limits.call_seconds)
@@ -175,7 +218,7 @@ def _run_child(code: str, inputs: list, limits: Limits, scratch: str, report_fd:
             except BaseException as e:  # noqa: BLE001
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 outputs.append(None)
-                errors.append(f"{type(e).__name__}: {e}"[:300])
+                errors.append(f"{type(e).__name__}: {e}"[:MAX_ERROR])
         report = json.dumps({"outputs": outputs, "errors": errors, "error": error}).encode()
         os.write(report_fd, report[:MAX_REPORT_BYTES])
     finally:
@@ -189,143 +232,326 @@ def _mapped_bytes() -> int:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return 1 << 30  # unknown: leave room for the interpreter and its libraries
 
 
-def run_one(code: str, inputs: list, limits: Limits) -> dict:
-    """Fork a child for one program and collect its report (in a worker process)."""
-    read_fd, write_fd = os.pipe()
-    with tempfile.TemporaryDirectory(prefix="arc25-sandbox-") as scratch:
-        scratch = os.path.realpath(scratch)
-        pid = os.fork()
-        if pid == 0:
-            os.close(read_fd)
-            _run_child(code, inputs, limits, scratch, write_fd)
-        os.close(write_fd)
-        deadline = time.monotonic() + limits.call_seconds * max(len(inputs), 1) + 2.0
-        chunks, size, timed_out = [], 0, False
+# ---- the worker --------------------------------------------------------------------------------------------------
+
+@dataclass
+class WorkerContext:
+    """What a worker prepares once for all its programs."""
+
+    layers: Layers
+    work: str  # the program's scratch directory (kept; emptied after each program)
+    ruleset_fd: int | None = None  # Landlock
+    seccomp: object | None = None  # the pyseccomp filter
+
+
+def empty_dir(path: str) -> None:
+    """Remove everything inside ``path`` (not ``path`` itself), following no link and with no recursion: each
+    subdirectory's own subdirectories are first moved up into ``path``, so a tree of any depth costs two open
+    descriptors; directories a program made unreadable are made readable again."""
+    root = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    moved = 0
+    try:
+        os.chmod(root, 0o700)
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                timed_out = True
-                break
-            ready, _, _ = select.select([read_fd], [], [], left)
-            if not ready:
-                continue
-            chunk = os.read(read_fd, 65536)
-            if not chunk:
-                break
-            size += len(chunk)
-            if size <= MAX_REPORT_BYTES:
-                chunks.append(chunk)
+            names = os.listdir(root)
+            if not names:
+                return
+            for name in names:
+                try:
+                    os.unlink(name, dir_fd=root)
+                    continue
+                except IsADirectoryError:
+                    pass
+                try:
+                    sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
+                except PermissionError:
+                    os.chmod(name, 0o700, dir_fd=root, follow_symlinks=False)
+                    sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
+                try:
+                    os.chmod(sub, 0o700)
+                    for child in os.listdir(sub):
+                        try:
+                            os.unlink(child, dir_fd=sub)
+                        except IsADirectoryError:
+                            moved += 1
+                            os.rename(child, f".up{moved}", src_dir_fd=sub, dst_dir_fd=root)
+                finally:
+                    os.close(sub)
+                os.rmdir(name, dir_fd=root)
+    finally:
+        os.close(root)
+
+
+def run_one(code: str, inputs: list, limits: Limits, ctx: WorkerContext) -> dict:
+    """Fork a child for one program, collect its report, kill it, empty the scratch directory."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
         os.close(read_fd)
+        _run_child(code, inputs, limits, ctx, write_fd)
+    os.close(write_fd)
+    deadline = time.monotonic() + limits.call_seconds * max(len(inputs), 1) + 2.0
+    chunks, size, timed_out = [], 0, False
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            timed_out = True
+            break
+        ready, _, _ = select.select([read_fd], [], [], left)
+        if not ready:
+            continue
+        chunk = os.read(read_fd, 65536)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size <= MAX_REPORT_BYTES:
+            chunks.append(chunk)
+    os.close(read_fd)
+    for kill in (os.killpg, os.kill):  # its session (anything it might have started), then the child itself
         try:
-            os.killpg(pid, signal.SIGKILL)  # the child and anything it managed to start
+            kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        _, status = os.waitpid(pid, 0)
+    _, status = os.waitpid(pid, 0)
     if timed_out:
         return {"error": f"timed out ({limits.call_seconds:g} s per call, {len(inputs)} call(s))"}
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) != signal.SIGKILL and not chunks:
         return {"error": f"crashed ({signal.Signals(os.WTERMSIG(status)).name})"}
     try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return checked_report(json.loads(b"".join(chunks)), len(inputs))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return {"error": "exited without a result"}
+    except ProtocolError as e:
+        return {"error": f"the program's report is not valid: {e}"}
 
 
-def _serve() -> None:
-    """Worker loop: length-prefixed JSON jobs on stdin, length-prefixed JSON results on stdout."""
+def _prepare(setup: dict) -> WorkerContext:
+    import ctypes
+    import importlib
+
     from .synthetic import DSL
 
-    for name, fn in DSL.items():  # compile (or load) the numba DSL here: children may not use ctypes, which numba does
-        img = np.zeros((3, 3), dtype=np.uint8)
-        if name in ("draw_line", "draw_rectangle"):
-            fn(img, (0, 0), (1, 1), 1)
-        elif name == "draw_pixel":
-            fn(img, (0, 0), 1)
-        else:
-            fn(img, 1, 1)
+    layers = Layers(**setup["layers"])
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: its /proc files (fds, memory) need privilege
+    for name in PRELOADED:
+        importlib.import_module(name)
+    for dtype in (np.uint8, np.int64):  # compile the numba DSL here, for the common grid types
+        for name, fn in DSL.items():
+            img = np.zeros((3, 3), dtype=dtype)
+            if name in ("draw_line", "draw_rectangle"):
+                fn(img, (0, 0), (1, 1), 1)
+            elif name == "draw_pixel":
+                fn(img, (0, 0), 1)
+            else:
+                fn(img, 1, 1)
+    work = os.path.join(setup["scratch"], "work")
+    os.makedirs(work, exist_ok=True)
+    ctx = WorkerContext(layers, work)
+    if layers.landlock:
+        from .isolation import landlock_ruleset, readable_dirs
+
+        ctx.ruleset_fd = landlock_ruleset(readable_dirs(layers.namespaces), work, setup["landlock_abi"])
+    if layers.seccomp:
+        from .isolation import seccomp_filter
+
+        ctx.seccomp = seccomp_filter()
+    return ctx
+
+
+def _serve(setup: dict) -> None:
+    """Worker loop: length-prefixed JSON jobs on stdin, length-prefixed JSON replies on stdout."""
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+
+    def send(message: dict) -> None:
+        payload = json.dumps(message).encode()
+        stdout.write(struct.pack("<I", len(payload)) + payload)
+        stdout.flush()
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    try:
+        ctx = _prepare(setup)
+    except Exception as e:  # noqa: BLE001 - told to the pool, which refuses to start
+        send({"ready": False, "error": f"{type(e).__name__}: {e}"[:MAX_ERROR]})
+        return
     os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    send({"ready": True})
     while True:
         header = stdin.read(4)
         if len(header) < 4:
             return
         job = json.loads(stdin.read(struct.unpack("<I", header)[0]))
-        result = run_one(job["code"], job["inputs"], Limits(**job["limits"]))
-        payload = json.dumps(result).encode()
-        stdout.write(struct.pack("<I", len(payload)) + payload)
-        stdout.flush()
+        reply = run_one(job["code"], job["inputs"], Limits(**job["limits"]), ctx)
+        reply["nonce"] = job["nonce"]  # a reply a program might forge on this channel would lack it
+        try:
+            empty_dir(ctx.work)
+        except OSError:
+            reply["retire"] = True  # what the program left cannot be removed: this worker's scratch is spent
+        send(reply)
+        if reply.get("retire"):
+            return
 
 
 # ---- the pool, in the evaluator or trainer -------------------------------------------------------------------
 
-def _checked(report: dict, n_inputs: int) -> RunResult:
-    """The worker's report turned into grids, trusting nothing in it."""
-    if report.get("error") or not isinstance(report.get("outputs"), list):
-        return RunResult([None] * n_inputs, [None] * n_inputs, str(report.get("error") or "no outputs")[:300])
-    outputs = [valid_grid(o) for o in report["outputs"][:n_inputs]]
-    outputs += [None] * (n_inputs - len(outputs))
-    errors = [str(e)[:300] if e else None for e in (report.get("errors") or [])][:n_inputs]
-    errors += [None] * (n_inputs - len(errors))
-    errors = [e or ("the output is not a grid" if o is None else None) for o, e in zip(outputs, errors)]
-    return RunResult([np.array(o, dtype=np.uint8) if o is not None else None for o in outputs], errors)
+class WorkerFailure(RuntimeError):
+    """A worker stalled, died or broke the protocol."""
+
+
+def _read_exact(fd: int, n: int, deadline: float) -> bytes:
+    data = b""
+    while len(data) < n:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise WorkerFailure("stalled (no reply in time)")
+        chunk = os.read(fd, n - len(data))
+        if not chunk:
+            raise WorkerFailure("died")
+        data += chunk
+    return data
+
+
+def _write_all(fd: int, data: bytes, deadline: float) -> None:
+    view = memoryview(data)
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([], [fd], [], left)[1]:
+            raise WorkerFailure("stalled (does not read its jobs)")
+        try:
+            view = view[os.write(fd, view[:65536]):]
+        except (BrokenPipeError, ConnectionResetError):
+            raise WorkerFailure("died") from None
 
 
 @dataclass
 class _Worker:
     proc: subprocess.Popen
+    scratch: str | None = None  # the host directory it works in (without the namespaces layer)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def read_message(self, deadline: float, cap: int) -> dict:
+        fd = self.proc.stdout.fileno()
+        size = struct.unpack("<I", _read_exact(fd, 4, deadline))[0]
+        if size > cap:
+            raise WorkerFailure(f"broke the protocol (a {size}-byte reply)")
+        try:
+            return json.loads(_read_exact(fd, size, deadline))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise WorkerFailure("broke the protocol (a reply that is not JSON)") from None
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # bubblewrap and its namespace: every process in it
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        if self.scratch:
+            try:
+                empty_dir(self.scratch)
+                os.rmdir(self.scratch)
+            except OSError:
+                pass
 
 
 class SandboxPool:
-    """N sandbox workers; ``run`` executes many programs in parallel and returns their results in order."""
+    """N sandbox workers; ``run`` executes many programs in parallel and returns their results in order.
 
-    def __init__(self, workers: int | None = None, limits: Limits = Limits()):
+    A worker ends when its job pipe closes, so none outlives the pool (``PR_SET_PDEATHSIG`` would kill a worker
+    started by a thread that has since ended: replacements are started by the thread whose program failed).
+
+    ``layers`` are the isolation layers wanted (all by default); one this machine lacks is refused with
+    ``SandboxUnavailable`` unless ``unsafe``. ``isolation`` says what runs (for logs and summaries)."""
+
+    def __init__(self, workers: int | None = None, limits: Limits = Limits(), layers: Layers = Layers(),
+                 unsafe: bool = False):
         self.limits = limits
+        self.layers, self.isolation = resolve(layers, unsafe)
         self.size = workers or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                    else os.cpu_count() or 1)
-        self._workers = [self._start() for _ in range(self.size)]
+        self.replaced = 0
+        started = [self._spawn() for _ in range(self.size)]
+        self._workers: list[_Worker] = []
         self._free: queue.Queue = queue.Queue()
-        for w in self._workers:
-            self._free.put(w)
+        try:
+            for w in started:
+                self._ready(w)
+                self._workers.append(w)
+                self._free.put(w)
+        except BaseException:
+            for w in started:
+                w.kill()
+            raise
 
-    @staticmethod
-    def _start() -> _Worker:
-        proc = subprocess.Popen([sys.executable, "-m", "arc25_fast.sandbox"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        return _Worker(proc)
+    def _spawn(self) -> _Worker:
+        setup = {"layers": asdict(self.layers), "landlock_abi": self.isolation["landlock_abi"]}
+        scratch = None
+        if self.layers.namespaces:
+            setup["scratch"] = SCRATCH
+            cmd = bwrap_command(["-m", "arc25_fast.sandbox", json.dumps(setup)], self.limits.scratch_bytes,
+                                self.layers)
+            env, cwd = None if self.layers.clean_env else {**os.environ, **worker_env(True)}, "/"
+        else:
+            scratch = tempfile.mkdtemp(prefix="arc25-sandbox-")
+            setup["scratch"] = scratch
+            cmd = [sys.executable, "-m", "arc25_fast.sandbox", json.dumps(setup)]
+            env = worker_env(False) if self.layers.clean_env else {**os.environ, **worker_env(False)}
+            cwd = scratch
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=env, cwd=cwd, start_new_session=True)
+        return _Worker(proc, scratch)
 
-    def _ask(self, worker: _Worker, job: dict) -> dict:
-        payload = json.dumps(job).encode()
-        worker.proc.stdin.write(struct.pack("<I", len(payload)) + payload)
-        worker.proc.stdin.flush()
-        header = worker.proc.stdout.read(4)
-        if len(header) < 4:
-            raise OSError("sandbox worker died")
-        return json.loads(worker.proc.stdout.read(struct.unpack("<I", header)[0]))
+    def _ready(self, worker: _Worker) -> None:
+        try:
+            message = worker.read_message(time.monotonic() + READY_SECONDS, 4096)
+        except WorkerFailure as e:
+            worker.proc.kill()
+            err = worker.proc.stderr.read().decode(errors="replace").strip().splitlines()[-1:] or [str(e)]
+            raise RuntimeError(f"a sandbox worker did not start: {err[0]}") from None
+        finally:
+            worker.proc.stderr.close()
+        if message.get("ready") is not True:
+            raise RuntimeError(f"a sandbox worker did not start: {str(message.get('error'))[:MAX_ERROR]}")
+
+    def _replace(self, worker: _Worker) -> _Worker:
+        worker.kill()
+        self.replaced += 1
+        new = self._spawn()
+        self._ready(new)
+        self._workers[self._workers.index(worker)] = new
+        return new
 
     def _one(self, code: str, inputs: list[np.ndarray]) -> RunResult:
-        job = {"code": code, "inputs": [np.asarray(g).tolist() for g in inputs],
-               "limits": self.limits.__dict__}
+        nonce = secrets.token_hex(16)
+        job = json.dumps({"code": code, "inputs": [np.asarray(g).tolist() for g in inputs],
+                          "limits": asdict(self.limits), "nonce": nonce}).encode()
         worker = self._free.get()
         start = time.perf_counter()
+        deadline = time.monotonic() + self.limits.call_seconds * max(len(inputs), 1) + 2.0 + REPLY_MARGIN
         try:
-            report = self._ask(worker, job)
-        except (OSError, ValueError, json.JSONDecodeError):  # the worker itself died: replace it
-            worker.proc.kill()
-            self._workers.remove(worker)
-            worker = self._start()
-            self._workers.append(worker)
-            report = {"error": "sandbox worker died"}
+            _write_all(worker.proc.stdin.fileno(), struct.pack("<I", len(job)) + job, deadline)
+            reply = worker.read_message(deadline, 2 * MAX_REPORT_BYTES)
+            if not isinstance(reply, dict) or reply.pop("nonce", None) != nonce:
+                raise ProtocolError("a reply to another job")
+            report = checked_report(reply, len(inputs))
+            if reply.get("retire"):
+                worker = self._replace(worker)
+        except (WorkerFailure, ProtocolError) as e:
+            what = f"broke the protocol ({e})" if isinstance(e, ProtocolError) else str(e)
+            report = {"outputs": [None] * len(inputs), "errors": [None] * len(inputs),
+                      "error": f"sandbox worker {what}"}
+            worker = self._replace(worker)
         finally:
             self._free.put(worker)
-        result = _checked(report, len(inputs))
-        result.seconds = time.perf_counter() - start
-        return result
+        outputs = [np.array(o, dtype=np.uint8) if o is not None else None for o in report["outputs"]]
+        return RunResult(outputs, report["errors"], report["error"], time.perf_counter() - start)
 
     def run(self, programs: list[tuple[str, list[np.ndarray]]]) -> list[RunResult]:
         if not programs:
@@ -341,7 +567,9 @@ class SandboxPool:
                 w.proc.stdin.close()
                 w.proc.wait(timeout=5)
             except (OSError, subprocess.TimeoutExpired):
-                w.proc.kill()
+                pass
+            w.kill()
+        self._workers = []
 
     def __enter__(self) -> "SandboxPool":
         return self
@@ -351,4 +579,4 @@ class SandboxPool:
 
 
 if __name__ == "__main__":
-    _serve()
+    _serve(json.loads(sys.argv[1]))
