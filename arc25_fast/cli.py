@@ -80,7 +80,9 @@ class Cli(click.Group):
                 SandboxUnavailable) as e:
             if os.environ.get("ARC25_DEBUG"):
                 raise
-            click.echo(f"Error: {one_line(e)}", err=True)
+            rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+            # under a launcher, another rank's progress bar may have left a line open: start a line of our own
+            click.echo(f"{chr(10) if rank else ''}Error: {rank}{one_line(e)}", err=True)
             ctx.exit(EXIT_BAD_INPUT)
 
 

@@ -39,9 +39,10 @@ class DataConfig:
     grid_format: str = option(DEFAULT_GRID_FORMAT, "Grid text format: [shape+][row-numbers+]minimal|spaced.")
     encoder: str = option("auto", "fast (numba, token-exact), text (reference path) or auto (fast when the "
                           "tokenizer allows it, else text with a warning).", choices=("auto", "fast", "text"))
-    train_on: str = option("answer", "Trained tokens: answer (the test output or the program), all-outputs (every "
-                           "demo output grid too) or all-outputs-but-first; the last two apply to "
-                           "output-from-examples tasks only.",
+    train_on: str = option("answer", "Trained tokens: answer (the test output or the program, with its fence and "
+                           "the end of turn), all-outputs (also the cells of every demo output grid, from its first "
+                           "digit to its last: a demo grid's fence and shape line are not trained) or "
+                           "all-outputs-but-first; the last two apply to output-from-examples tasks only.",
                            choices=("answer", "all-outputs", "all-outputs-but-first"))
     max_tokens: int = option(8192, "Token budget of one packed micro-batch; longer samples are dropped and counted.",
                              min=64)
@@ -305,6 +306,8 @@ class EvalConfig:
     output_dir: str = option("runs/eval", "Directory for evaluate_summary.json, predictions.jsonl, submission.json, "
                              "config.json and evaluate.log.")
     overwrite: bool = option(False, "Start again in an --output-dir that holds another run.")
+    resume: bool = option(False, "Continue an interrupted evaluation in --output-dir: tasks already recorded in "
+                          "its predictions are kept, not redone.")
     verbose: bool = option(False, "Also print library messages (always written to evaluate.log).")
     prompt_kind: str = option("output", "output (the model writes the test output grid) or code (the model writes "
                               "def task(img)).", choices=("output", "code"))

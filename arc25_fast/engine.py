@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError, TrainConfig
+from .extensions import extension_build_notes
 from .model import resolve_dtype
 
 DS_CONFIGS = Path(__file__).parent / "ds_configs"
@@ -47,9 +48,11 @@ def init_distributed(device_type: str, timeout_s: float = 900.0, private: bool =
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
     own = "RANK" not in os.environ or private
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    if own:
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                                            "TORCHELASTIC_USE_AGENT_STORE")}
+    if own:  # under torchrun, not the agent's store either: every rank there would claim rank 0 of it
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+                          TORCHELASTIC_USE_AGENT_STORE="False")
         os.environ.setdefault("LOCAL_RANK", "0")
     deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", auto_mpi_discovery=False,
                                timeout=timedelta(seconds=timeout_s))
@@ -136,7 +139,8 @@ def build_engine(cfg: TrainConfig, packed: torch.nn.Module, device: torch.device
     params = [p for p in packed.parameters() if p.requires_grad]
     optimizer = None if "optimizer" in ds_config else torch.optim.AdamW(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    engine, _, _, _ = deepspeed.initialize(model=packed, model_parameters=params, optimizer=optimizer,
-                                           config=ds_config)
+    with extension_build_notes():
+        engine, _, _, _ = deepspeed.initialize(model=packed, model_parameters=params, optimizer=optimizer,
+                                               config=ds_config)
     apply_collective_timeout(cfg.collective_timeout)
     return engine, ds_config

@@ -23,37 +23,50 @@ class Generated:
 
 
 class HFGenerator:
-    """``model.generate`` on left-padded batches; adapters swapped in place on one PEFT model."""
+    """``model.generate`` on left-padded batches.
 
-    def __init__(self, model, tokenizer, stop_ids: list[int], device: torch.device):
+    With ``adapters=True`` (``evaluate``) it holds the base model and answers each call with exactly the adapter it is
+    given, ``None`` meaning the base model: an adapter is loaded once and stays while the same path is asked, and is
+    unloaded (its layers removed, nothing merged) before another is loaded. Each adapter is applied by
+    ``PeftModel.from_pretrained`` on the bare base model, so a tied embedding/head adapter gets its head term like the
+    first adapter of a fresh model. With ``adapters=False`` (``train --eval-tasks``) it samples from the in-memory
+    model as it is."""
+
+    def __init__(self, model, tokenizer, stop_ids: list[int], device: torch.device, adapters: bool = True,
+                 reload=None):
         self.model, self.tokenizer, self.stop_ids, self.device = model, tokenizer, stop_ids, device
+        self.adapters = adapters
+        self.reload = reload  # () -> a fresh base model, for when a failed adapter load leaves its layers behind
+        self.adapter_path: str | None = None  # the adapter applied now
         self.tokens = 0
         self.seconds = 0.0
-        self._adapter: tuple[str, str] | None = None  # (path, name) of the task adapter in use
-        self._loaded = 0
 
-    def use_adapter(self, path: str) -> None:
-        """Make the adapter at ``path`` the active one (a task's TTT adapter), dropping the previous task's."""
+    def use_adapter(self, path: str | None) -> None:
         from peft import PeftModel
 
-        if self._adapter is not None and self._adapter[0] == path:
+        if not self.adapters:
+            if path is not None:
+                raise ValueError("this generator samples from the model as it is; it applies no adapter")
             return
-        name = f"task{self._loaded}"
-        self._loaded += 1
+        if path == self.adapter_path:
+            return
         if isinstance(self.model, PeftModel):
-            self.model.load_adapter(path, adapter_name=name)
-        else:
-            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
-        self.model.set_adapter(name)
-        if self._adapter is not None:
-            self.model.delete_adapter(self._adapter[1])
-        self._adapter = (path, name)
+            self.model = self.model.unload()
+        self.adapter_path = None
+        if path is not None:
+            try:
+                self.model = PeftModel.from_pretrained(self.model, path).eval()
+            except Exception:
+                if self.reload is None:
+                    raise
+                self.model = self.reload()  # the failed load may have injected layers into the base model
+                raise
+            self.adapter_path = path
 
     def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: str | None = None) -> list[list[Generated]]:
         from .model import sync_tied_head
 
-        if adapter is not None:
-            self.use_adapter(adapter)
+        self.use_adapter(adapter)
         sync_tied_head(self.model)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         out: list[list[Generated]] = []
@@ -84,16 +97,16 @@ class HFGenerator:
 
 
 class VllmGenerator:
-    """vLLM's offline engine; a task's TTT adapter is a ``LoRARequest``."""
+    """vLLM's offline engine on the base model; each call's adapter is a ``LoRARequest`` (None: the base model)."""
 
-    def __init__(self, model: str, adapter: str | None, stop_ids: list[int], dtype: str, seed: int,
-                 max_model_len: int, max_lora_rank: int):
+    def __init__(self, model: str, stop_ids: list[int], dtype: str, seed: int, max_model_len: int,
+                 max_lora_rank: int):
         from vllm import LLM
 
         self.llm = LLM(model=model, enable_lora=True, max_lora_rank=max_lora_rank, seed=seed,
                        dtype={"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[dtype],
                        max_model_len=max_model_len)
-        self.adapter, self.stop_ids = adapter, stop_ids
+        self.stop_ids = stop_ids
         self.tokens = 0
         self.seconds = 0.0
         self._ids: dict[str, int] = {}
@@ -103,10 +116,9 @@ class VllmGenerator:
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest
 
-        path = adapter or self.adapter
         lora = None
-        if path is not None:
-            lora = LoRARequest(path, self._ids.setdefault(path, len(self._ids) + 1), path)
+        if adapter is not None:
+            lora = LoRARequest(adapter, self._ids.setdefault(adapter, len(self._ids) + 1), adapter)
         params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                 max_tokens=sampling.max_new_tokens, seed=sampling.seed, stop_token_ids=self.stop_ids)
         start = time.perf_counter()

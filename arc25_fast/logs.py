@@ -12,16 +12,22 @@ LIBRARY_LOGGERS = ("transformers", "DeepSpeed", "deepspeed", "peft", "torch", "a
 _bar = None  # the active progress bar, so that notes print above it
 
 
-def setup_logging(output_dir: Path | None, verbose: bool, rank: int = 0, name: str = "train") -> Path | None:
-    """Send library messages to ``output_dir/name.log`` (rank 0; other ranks to ``name_rank{r}.log``)."""
-    import warnings
-
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+def close_log_files() -> None:
+    """Detach and close this package's log handlers (before its output directory is removed)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_arc25", False):
             root.removeHandler(handler)
             handler.close()
+
+
+def setup_logging(output_dir: Path | None, verbose: bool, rank: int = 0, name: str = "train") -> Path | None:
+    """Send library messages to ``output_dir/name.log`` (rank 0; other ranks to ``name_rank{r}.log``)."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    close_log_files()
+    root = logging.getLogger()
     root.setLevel(logging.INFO)
     path = None
     if output_dir is not None:

@@ -6,12 +6,16 @@ MFU counts the work a step really does (see docs/BENCHMARKS.md): per real token,
 attention from the sum of squared sample lengths. The embedding lookup costs nothing; recomputation is not counted.
 """
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .grids import DataError
+from .logs import note
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
@@ -60,6 +64,17 @@ class FlopModel:
         return cls(per_token, per_label, per_square)
 
 
+def json_safe(value):
+    """``value`` with every NaN or infinite float as null: strict JSON (bare ``NaN`` is not JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 class MetricsLogger:
     """Rank 0 appends one JSON line per logged step; on resume, rows past the checkpoint's step are dropped first
     (those steps are redone), so ``metrics.jsonl`` never holds a step twice."""
@@ -74,8 +89,17 @@ class MetricsLogger:
         path = output_dir / "metrics.jsonl"
         kept = []
         if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            for n, line in enumerate(lines, 1):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    if n == len(lines):  # the last line, cut short by a killed run: that step is redone anyway
+                        note(f"resume: {path}: dropping a damaged last line {n} ({e.msg})")
+                        break
+                    raise DataError(f"{path}: line {n} is not JSON ({e.msg}); remove that line to resume") from None
+                if row.get("step", 0) <= resume_step:
+                    kept.append(line)
         path.write_text("".join(line + "\n" for line in kept))
         self.file = open(path, "a")
         if use_wandb:
@@ -89,7 +113,7 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(json_safe(record)) + "\n")
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])

@@ -12,8 +12,11 @@ from .config import ConfigError, TrainConfig
 from .kernels import attention
 from .kernels.loss import chunked_cross_entropy
 
-ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-MLP_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
+# the projections of attention and of the MLP under each family's names; the first group a model has all of is used
+ATTENTION_GROUPS = (["q_proj", "k_proj", "v_proj", "o_proj"], ["query_key_value", "dense"],
+                    ["qkv_proj", "o_proj"], ["Wqkv", "out_proj"], ["c_attn", "c_proj"])
+MLP_GROUPS = (["gate_proj", "up_proj", "down_proj"], ["dense_h_to_4h", "dense_4h_to_h"], ["gate_up_proj", "down_proj"],
+              ["fc1", "fc2"], ["c_fc", "c_proj"], ["w1", "w2", "w3"])
 EMBEDDING, HEAD = "embed_tokens", "lm_head"
 
 
@@ -113,17 +116,31 @@ def module_name(root: nn.Module, target: nn.Module) -> str:
 def lora_targets(spec: str, lm: PreTrainedModel) -> list[str]:
     """Module names for a ``--lora-targets`` preset or list; ``embed_tokens``/``lm_head`` name the model's own
     input embedding and output head, whatever they are called in this architecture."""
-    presets = {"attention": ATTENTION_PROJECTIONS, "attention+mlp": ATTENTION_PROJECTIONS + MLP_PROJECTIONS,
-               "all": ATTENTION_PROJECTIONS + MLP_PROJECTIONS + [EMBEDDING, HEAD]}
-    names = presets.get(spec) or [s.strip() for s in spec.split(",") if s.strip()]
+    present = {name.split(".")[-1] for name, _ in lm.named_modules()}
+    linear = sorted({name.split(".")[-1] for name, m in lm.named_modules() if isinstance(m, nn.Linear)})
+
+    def group(groups: tuple, what: str) -> list[str]:
+        found = next((g for g in groups if all(n in present for n in g)), None)
+        if found is None:
+            raise ModelError(f"--lora-targets {spec}: model type {lm.config.model_type} has no {what} projections "
+                             f"under the names this preset knows; name them (its linear modules: {', '.join(linear)})")
+        return found
+
+    if spec in ("attention", "attention+mlp", "all"):
+        names = group(ATTENTION_GROUPS, "attention")
+        if spec != "attention":
+            names = names + [n for n in group(MLP_GROUPS, "MLP") if n not in names]
+        if spec == "all":
+            names = names + [EMBEDDING, HEAD]
+    else:
+        names = [s.strip() for s in spec.split(",") if s.strip()]
     aliases = {EMBEDDING: module_name(lm, lm.get_input_embeddings()).split(".")[-1],
                HEAD: module_name(lm, lm.get_output_embeddings()).split(".")[-1]}
     names = [aliases.get(n, n) for n in names]
-    present = {name.split(".")[-1] for name, _ in lm.named_modules()}
     missing = [n for n in names if n not in present]
     if missing:
         raise ModelError(f"--lora-targets: model type {lm.config.model_type} has no module named "
-                         f"{', '.join(missing)}")
+                         f"{', '.join(missing)} (its linear modules: {', '.join(linear)})")
     return names
 
 

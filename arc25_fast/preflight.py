@@ -4,12 +4,9 @@ Option values themselves (types, ranges, choices) are checked when the config is
 that need the file system, the model's config, the device or the checkpoints: the output directory, the model and
 its positions, the attention backend, the DeepSpeed config, room for a checkpoint, and resume compatibility.
 """
-import hashlib
 import json
 import os
 import shutil
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import torch
 from .checkpoint import checkpoint_info, valid_checkpoints
 from .config import ConfigError, TrainConfig
 from .engine import load_ds_config
+from .extensions import use_private_extensions_dir
 from .kernels import attention
 from .logs import note
 from .model import is_random_init, load_model_config, lora_targets
@@ -27,7 +25,6 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "model", "adapter"
                "summary.json", "wandb", "ttt.log", "ttt_summary.json", "evaluate.log", "evaluate_summary.json",
                "predictions.jsonl", "submission.json")
 RUN_OUTPUT_PREFIXES = ("rank", "train_rank", "ttt_rank", "evaluate_rank")
-STALE_LOCK_S = 600
 RESUME_MAY_CHANGE = {"max_steps", "save_every", "keep_checkpoints", "log_every", "eval_every", "resume", "overwrite",
                      "verbose", "wandb", "wandb_project", "max_bad_steps", "collective_timeout", "threads"}
 
@@ -184,20 +181,6 @@ def check_sources(cfg: TrainConfig) -> None:
             raise ConfigError(f"{option} {spec}: {arg} does not exist")
     if cfg.global_batch_tokens and cfg.global_batch_samples:
         raise ConfigError("--global-batch-tokens and --global-batch-samples both set the batch size; give one")
-
-
-def use_private_extensions_dir() -> None:
-    """Build DeepSpeed/torch extensions in a directory of this Python environment (not one shared with others,
-    which rebuilds whenever another environment used it), and clear a build lock left by a killed build."""
-    if "TORCH_EXTENSIONS_DIR" not in os.environ:
-        key = hashlib.sha1(f"{sys.prefix}|{torch.__version__}".encode()).hexdigest()[:12]
-        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path.home() / ".cache" / "torch_extensions" / f"arc25-{key}")
-    root = Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    for lock in root.glob("*/*/lock") if root.is_dir() else []:
-        age = time.time() - lock.stat().st_mtime
-        if age > STALE_LOCK_S:
-            note(f"removing a stale extension build lock {lock} ({age / 60:.0f} min old, left by a killed build)")
-            lock.unlink(missing_ok=True)
 
 
 def preflight(cfg: TrainConfig, device: torch.device, world: int, rank: int) -> Preflight:

@@ -31,8 +31,9 @@ from .prompts import OUTPUT, Sample, output_from_examples
 from .rng import Rng
 from .sources import Mix
 from .stream import PackedStream, PackingConfig, to_torch
+from .threads import set_threads
 from .tokenizer import load_tokenizer
-from .train import StepTimer, build_model, optimizer_step, set_threads
+from .trainer import StepTimer, build_model, optimizer_step
 
 OOM_LIMIT = 1 << 18  # tokens: the OOM search stops doubling here
 

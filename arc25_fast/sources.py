@@ -158,7 +158,9 @@ def parse_spec(spec: str) -> tuple[str, str, float]:
         try:
             body, weight = head, float(tail)
         except ValueError:
-            pass
+            if ":" not in head:  # no argument the "@" could belong to (a path may hold one)
+                raise DataError(f"task source {spec!r}: weight {tail!r} is not a number "
+                                "(KIND[:ARG][@WEIGHT], e.g. synthetic@2)") from None
     if not np.isfinite(weight) or weight <= 0:
         raise DataError(f"task source {spec!r}: weight {weight} must be a finite positive number")
     kind, _, arg = body.partition(":")

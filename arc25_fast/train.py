@@ -13,73 +13,29 @@ nothing reads a device value back per micro-batch.
 """
 import hashlib
 import json
-import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from .checkpoint import load_newest, save_checkpoint, save_hf
 from .config import ConfigError, TrainConfig, package_versions, save_run_config
-from .engine import CollectiveTimeout, all_reduce, barrier, build_engine, init_distributed
+from .engine import CollectiveTimeout, barrier, build_engine, init_distributed
 from .faults import EXIT_NON_FINITE, EXIT_PREEMPTED, NonFiniteSteps, RunStopped, StopSignals
-from .kernels import attention
-from .logs import note, set_progress_bar, setup_logging
-from .metrics import FlopModel, MetricsLogger, peak_flops
-from .model import PackedCausalLM, add_adapter, check_packed_model, is_random_init, load_base_model, resolve_dtype
+from .logs import close_log_files, note, set_progress_bar, setup_logging
+from .metrics import FlopModel, MetricsLogger, json_safe, peak_flops
+from .model import resolve_dtype
 from .pipeline import build_pipeline, packing_config
 from .preflight import preflight
 from .stream import DataPosition, Loader, PackedDataset, PackedStream
-from .validation import evaluate_loss, model_inputs, validation_batches
-
-
-def idle_cores(cpus: set[int], seconds: float = 0.25) -> float:
-    """How much of the CPUs ``cpus`` other processes leave idle right now (sampled before this process starts
-    working; per CPU, so that busy cores outside the set do not count)."""
-    import psutil
-
-    busy = psutil.cpu_percent(interval=seconds, percpu=True)
-    return sum(1.0 - busy[c] / 100.0 for c in cpus if c < len(busy))
-
-
-def set_threads(requested: int, num_workers: int) -> int:
-    """torch threads of this rank: ``requested``, or OMP_NUM_THREADS when set, or this node's cores shared by its
-    ranks, less one per data worker beyond the first (a worker mostly waits, but a second one competes), and less
-    the cores other processes keep busy: a torch thread on a busy core makes every parallel region wait for it
-    (measured: the main job is 1.8x slower with 2 threads than with 1 next to one busy process, 1.8x faster alone)."""
-    if requested:
-        threads = requested
-    elif "OMP_NUM_THREADS" in os.environ:
-        return torch.get_num_threads()
-    else:
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-        cores = len(cpus)
-        # with several local ranks the others are busy by design (and still starting): share the cores by division
-        available = cores if local_ranks > 1 else min(cores, round(idle_cores(cpus)))
-        threads = max(1, available // local_ranks - max(0, num_workers - 1))
-        if available < cores:
-            note(f"{cores - available} of {cores} cores are busy with other processes: {threads} torch thread(s) per "
-                 "rank (--threads N to choose)")
-    torch.set_num_threads(threads)
-    return threads
-
-
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up to ``lr``, then cosine or linear decay to 0 at ``max_steps`` (or constant)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    if cfg.lr_schedule == "linear":
-        return cfg.lr * (1.0 - progress)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+from .threads import set_threads
+from .trainer import build_model, learning_rate, optimizer_step, weights_finite
+from .validation import evaluate_loss, validation_batches
 
 
 def resolve_grad_accum(cfg: TrainConfig, world: int, mix, encoder) -> int:
@@ -97,121 +53,38 @@ def resolve_grad_accum(cfg: TrainConfig, world: int, mix, encoder) -> int:
     return cfg.grad_accum
 
 
-class StepTimer:
-    """Seconds spent in forward, backward and optimizer (profiling only: it synchronises the device at each mark)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-        self._last = time.perf_counter()
-
-    def start(self) -> None:
-        self._sync()
-        self._last = time.perf_counter()
-
-    def mark(self, phase: str) -> None:
-        self._sync()
-        now = time.perf_counter()
-        self.seconds[phase] += now - self._last
-        self._last = now
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
-def optimizer_step(engine, micro: list[dict], lr: float, device: torch.device, world: int,
-                   position: DataPosition | None = None, stop_requested: bool = False,
-                   timer: StepTimer | None = None) -> dict:
-    """One optimizer step over this rank's micro-batches; the loss is the mean over the global batch's labels.
-
-    A non-finite micro-batch loss turns that micro-batch's gradient into NaN (on the device, no sync), so DeepSpeed's
-    check of the global gradient norm skips the whole step on every rank: weights and optimizer state stay as they
-    were. ``stop_requested`` (a signal on this rank) is reduced with the step's statistics, so all ranks agree.
-    """
-    lengths = [np.diff(b["cu_seqlens"].numpy()) for b in micro]
-    local = [sum(b["n_labels"] for b in micro), sum(b["n_samples"] for b in micro),
-             sum(int(x.sum()) for x in lengths), sum(b["input_ids"].numel() for b in micro),
-             sum(int((x.astype(np.int64) ** 2).sum()) for x in lengths)]
-    n_labels, n_samples, n_tokens, n_positions, sum_sq = all_reduce(local, device, "the step's token counts")
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    totals = torch.zeros(7, dtype=torch.float64, device=device)  # loss, 5 stats, stop flag
-    normaliser = world / n_labels
-    if timer is not None:
-        timer.start()
-    for batch in micro:
-        loss, stats = engine(**model_inputs(batch, device))
-        if timer is not None:
-            timer.mark("forward")
-        poison = torch.where(torch.isfinite(loss), 1.0, float("nan"))
-        engine.backward(loss * (poison * normaliser), scale_wrt_gas=False)
-        if timer is not None:
-            timer.mark("backward")
-        engine.step()
-        if timer is not None:
-            timer.mark("optimizer")
-        totals[0] += loss.detach().double()
-        totals[1:6] += stats
-        if position is not None:
-            position.advance(batch)
-    totals[6] = float(stop_requested)
-    loss_sum, _, correct, answer_loss, answer_n, answer_correct, stop = all_reduce(totals, device, "the step's loss")
-    grad_norm = engine.get_global_grad_norm()
-    return {"loss": loss_sum / n_labels, "accuracy": correct / n_labels, "answer_loss": answer_loss / max(answer_n, 1),
-            "lr": lr, "grad_norm": float("nan") if grad_norm is None else float(grad_norm), "tokens": int(n_tokens),
-            "samples": int(n_samples), "labels": int(n_labels), "padding_fraction": 1.0 - n_tokens / n_positions,
-            "sum_sq_lengths": int(sum_sq), "stop": stop > 0}
-
-
-def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, output_dir: Path | None = None,
-                rank: int = 0) -> tuple[nn.Module, PackedCausalLM, str]:
-    """The (adapter-wrapped) model, its packed-loss wrapper on ``device``, and the attention backend used.
-
-    The base model is checked against its own per-sample outputs before anything trains (``check_packed_model``).
-    """
-    dtype = resolve_dtype(cfg.dtype, device)
-    backend = attention.choose_backend(cfg.attn, device)
-    key = attention.register(backend)
-    base = load_base_model(cfg.model, vocab_size, dtype, key, cfg.data.seed)
-    if output_dir is not None and is_random_init(cfg.model):  # so the adapter's base model can be loaded again
-        if rank == 0:
-            base.save_pretrained(str(output_dir / "base_model"))
-        base.name_or_path = base.config.name_or_path = str((output_dir / "base_model").resolve())
-    base.to(device)
-    check_packed_model(base, key)
-    if cfg.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
-    model = add_adapter(base, cfg)
-    return model, PackedCausalLM(model, cfg.loss_chunk_tokens).to(device), backend
-
-
-def weights_finite(packed: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in packed.parameters() if p.requires_grad)
-
-
 def train(cfg: TrainConfig) -> list[dict]:
     """Run training; returns the per-step records (also written to ``metrics.jsonl`` on rank 0).
 
-    Raises ``RunStopped`` (with an exit code) when a signal or non-finite steps stop the run early.
+    Raises ``RunStopped`` (with an exit code) when a signal or non-finite steps stop the run early. A start that
+    fails before the first step leaves no output directory behind if this run created it.
     """
+    output_dir = Path(cfg.output_dir)
+    created = not output_dir.exists()
+    try:
+        return _train(cfg)
+    except Exception:
+        if created and int(os.environ.get("RANK", 0)) == 0 and not (output_dir / "metrics.jsonl").exists():
+            close_log_files()
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+
+
+def _train(cfg: TrainConfig) -> list[dict]:
     started = time.perf_counter()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     rank, world, local_rank = init_distributed(device_type, cfg.collective_timeout)
     device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
     if device_type == "cuda":
         torch.cuda.set_device(device)
-    threads = set_threads(cfg.threads, cfg.num_workers)
-    checks = preflight(cfg, device, world, rank)
+    checks = preflight(cfg, device, world, rank)  # bad options fail here, before anything else is printed
     barrier("the checks before training")
     output_dir = Path(cfg.output_dir)
     setup_logging(output_dir, cfg.verbose, rank)
 
-    mix, encoder = build_pipeline(cfg.data)
+    mix, encoder = build_pipeline(cfg.data)  # bad data and tokenizers fail here, before the thread note
     tokenizer = encoder.tokenizer
+    threads = set_threads(cfg.threads, cfg.num_workers)
     model, packed, backend = build_model(cfg, len(tokenizer), device, output_dir, rank)
     grad_accum = resolve_grad_accum(cfg, world, mix, encoder)
     engine, ds_config = build_engine(cfg, packed, device, grad_accum, world)
@@ -246,7 +119,7 @@ def train(cfg: TrainConfig) -> list[dict]:
             note(f"validation: {val_dropped} samples longer than max_tokens={cfg.data.max_tokens} left out", rank)
     task_eval = None
     if cfg.eval_tasks and cfg.eval_tasks_every:
-        from .evaluate import GenerationEval
+        from .generation_eval import GenerationEval
 
         task_eval = GenerationEval(cfg, mix, encoder, rank, world)
     logger = MetricsLogger(output_dir, rank == 0, cfg.wandb, cfg.wandb_project, payload,
@@ -276,7 +149,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                 seen.flush()
                 try:
                     stats = optimizer_step(engine, micro, learning_rate(cfg, step), device, world, position,
-                                           signals.requested)
+                                           lambda: signals.requested)
                 except RuntimeError as e:
                     if world > 1 and not isinstance(e, CollectiveTimeout) and is_collective_failure(e):
                         raise CollectiveTimeout(f"rank {rank}: a collective of step {step + 1} (gradient reduction or "
@@ -352,12 +225,18 @@ def train(cfg: TrainConfig) -> list[dict]:
                          f"norm (last: loss {stats['loss']:.4g}, grad norm {stats['grad_norm']:.4g}); nothing saved, "
                          f"{newest}.{why} Lower --lr or check the data.", EXIT_NON_FINITE)
 
+    if not weights_finite(packed):  # e.g. resumed from a damaged checkpoint with fewer steps left than it takes
+        write_rank_summary(output_dir, rank, packed, position.consumed, "non-finite", step)
+        logger.close()
+        newest = f"checkpoint step-{saved_step:06d} is the last good one" if saved_step is not None else "no checkpoint"
+        raise RunStopped(f"stopped at step {step}: the weights are not finite (a damaged checkpoint or a diverged "
+                         f"step); nothing published, {newest}. Lower --lr or check the data.", EXIT_NON_FINITE)
     write_rank_summary(output_dir, rank, packed, position.consumed, "done", step)
     if rank == 0:
         final = output_dir / ("adapter" if hasattr(model, "peft_config") else "model")
         save_hf(model, tokenizer, final)
         summary = run_summary(cfg, records, last_val, final, time.perf_counter() - started)
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (output_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2))
         note(summary["line"], rank)
     logger.close()
     barrier("the end of training")

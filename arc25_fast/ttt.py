@@ -28,8 +28,9 @@ from .pipeline import build_encoder, packing_config, verify_encoder
 from .preflight import check_model, check_output_dir
 from .sources import Augmentation, LeaveOneOutSource, Mix, load_tasks
 from .stream import PackedStream, to_torch
+from .threads import set_threads
 from .tokenizer import load_tokenizer
-from .train import build_model, learning_rate, optimizer_step, set_threads
+from .trainer import build_model, learning_rate, optimizer_step
 
 TASK_FILE = "task.json"
 
@@ -166,7 +167,7 @@ def train_task(cfg: TTTConfig, engine, packed, model, tokenizer, encoder, start,
             note(f"task {name}: {e}; no adapter written")
             break
         stats = optimizer_step(engine, micro, learning_rate(cfg, step), device, world=1,
-                               stop_requested=signals.requested)
+                               stop_requested=lambda: signals.requested)
         losses.append(stats["loss"])
         tokens, samples = tokens + stats["tokens"], samples + stats["samples"]
         bad.record(stats["loss"], stats["grad_norm"])

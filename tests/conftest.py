@@ -20,6 +20,27 @@ def qwen2_tokenizer():
     return load_tokenizer(str(QWEN2_TOKENIZER))
 
 
+@pytest.fixture
+def busy_core(capsys):
+    """Another process keeping a core busy, checked to make the trainer print its note about threads (the line a
+    one-line error must not be preceded by)."""
+    import subprocess
+    import sys
+    import time
+
+    from arc25_fast.threads import set_threads
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        set_threads(0, 0)
+        assert "cores are busy with other processes" in capsys.readouterr().err
+        yield busy
+    finally:
+        busy.kill()
+        busy.wait()
+
+
 @pytest.fixture(scope="session")
 def default_mix():
     from arc25_fast.sources import default_mix

@@ -130,7 +130,7 @@ def test_evaluate_uses_each_tasks_ttt_adapter(constant, output_model):
     assert json.loads((out / "evaluate_summary.json").read_text())["pass@2"] == 1.0
 
 
-def test_bad_evaluate_input_is_one_line(flip, tmp_path):
+def test_bad_evaluate_input_is_one_line(flip, tmp_path, busy_core):
     tasks = f"kaggle:{flip / 'flip_challenges.json'}"
     cases = [(["--adapter", str(tmp_path), "--ttt-dir", str(tmp_path)], "--adapter and --ttt-dir both"),
              (["--model", "tiny"], "evaluation needs trained weights"),

@@ -63,11 +63,12 @@ def test_signal_finishes_the_step_checkpoints_and_resume_is_exact(reference, tmp
     out = tmp_path / "run"
     proc = start(train_cmd(out, "--max-steps", "12", "--save-every", "4", "--num-workers", "1"), tmp_path / "a.log")
     wait_for_steps(out, 5, proc)
-    proc.send_signal(sig)
+    done = max(losses(out))
+    proc.send_signal(sig)  # during step done + 1 (the steps take far longer than this gap)
     assert proc.wait(timeout=120) == EXIT_PREEMPTED, (tmp_path / "a.log").read_text()[-3000:]
     summary = json.loads((out / "rank0_summary.json").read_text())
     stopped = summary["step"]
-    assert summary["status"] == "preempted" and 5 <= stopped < 12
+    assert summary["status"] == "preempted" and stopped == done + 1  # the step in progress is the last
     assert (out / "checkpoints" / f"step-{stopped:06d}" / "COMPLETE.json").exists()
     assert f"checkpoint step-{stopped:06d} written; continue with --resume" in (tmp_path / "a.log").read_text()
     assert not (out / "adapter").exists()  # not published: the run is not finished
@@ -141,8 +142,9 @@ def test_non_finite_steps_stop_the_run_and_publish_nothing(tmp_path):
     assert proc.returncode == EXIT_NON_FINITE, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "2 steps in a row had a non-finite loss or gradient norm" in last and "nothing saved" in last
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x, parse_constant=strict_json) for x in (out / "metrics.jsonl").read_text().splitlines()]
     bad = [r["step"] for r in rows if r["skipped"]]
+    assert all(r["loss"] is None or r["grad_norm"] is None for r in rows if r["skipped"])  # null, never bare NaN
     assert len(bad) == 2 and bad == [rows[-1]["step"] - 1, rows[-1]["step"]]
     assert not (out / "adapter").exists()
     good = [r["step"] for r in rows if not r["skipped"]]
@@ -154,20 +156,64 @@ def test_non_finite_steps_stop_the_run_and_publish_nothing(tmp_path):
 def test_non_finite_weights_in_a_resumed_checkpoint_stop_the_run(reference, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
-    states = out / "checkpoints" / "step-000012" / "deepspeed" / "mp_rank_00_model_states.pt"
-    blob = torch.load(states, weights_only=False)
-    name = next(k for k in blob["module"] if "lora_A" in k)
-    blob["module"][name] = torch.full_like(blob["module"][name], float("nan"))
-    torch.save(blob, states)
-    marker = out / "checkpoints" / "step-000012" / "COMPLETE.json"
-    info = json.loads(marker.read_text())
-    info["files"]["deepspeed/mp_rank_00_model_states.pt"] = states.stat().st_size  # a well-formed, poisoned file
-    marker.write_text(json.dumps(info))
+    poison(out, 12)
     proc = subprocess.run(train_cmd(out, "--max-steps", "20", "--save-every", "4", "--max-bad-steps", "3",
                                     "--num-workers", "1", "--resume"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == EXIT_NON_FINITE, proc.stderr[-3000:]
     assert "The weights themselves are not finite" in proc.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == "step-000012"  # nothing newer written
+
+
+def strict_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+def poison(run: Path, step: int) -> None:
+    """A NaN in a LoRA weight of a checkpoint whose files are otherwise whole (sealed again)."""
+    states = run / "checkpoints" / f"step-{step:06d}" / "deepspeed" / "mp_rank_00_model_states.pt"
+    blob = torch.load(states, weights_only=False)
+    name = next(k for k in blob["module"] if "lora_A" in k)
+    blob["module"][name] = torch.full_like(blob["module"][name], float("nan"))
+    torch.save(blob, states)
+    marker = run / "checkpoints" / f"step-{step:06d}" / "COMPLETE.json"
+    info = json.loads(marker.read_text())
+    info["files"]["deepspeed/mp_rank_00_model_states.pt"] = states.stat().st_size
+    marker.write_text(json.dumps(info))
+
+
+def test_non_finite_weights_are_never_published_even_with_few_steps_left(reference, tmp_path):
+    """Resumed from a poisoned checkpoint with fewer steps left than --max-bad-steps: the run cannot reach the
+    bad-step limit, so the final save must check what it publishes."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "adapter")
+    poison(out, 12)
+    proc = subprocess.run(train_cmd(out, "--max-steps", "13", "--save-every", "4", "--max-bad-steps", "3",
+                                    "--num-workers", "0", "--resume"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == EXIT_NON_FINITE, proc.stderr[-3000:]
+    assert "the weights are not finite" in proc.stderr.strip().splitlines()[-1]
+    assert not (out / "adapter").exists()
+    assert json.loads((out / "rank0_summary.json").read_text())["status"] == "non-finite"
+
+
+def test_a_damaged_last_metrics_line_does_not_block_resume(reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    metrics = out / "metrics.jsonl"
+    text = metrics.read_text()
+    metrics.write_text(text[:len(text) - 20])  # a run killed while writing its last line, after step 8's checkpoint
+    shutil.rmtree(out / "checkpoints" / "step-000012")
+    proc = subprocess.run(train_cmd(out, "--max-steps", "14", "--save-every", "4", "--num-workers", "0",
+                                    "--resume"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{metrics}: dropping a damaged last line" in proc.stderr
+    assert sorted(losses(out)) == list(range(1, 15))
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines[:3] + ["{not json"] + lines[3:]) + "\n")  # damage in the middle: one line
+    proc = subprocess.run(train_cmd(out, "--max-steps", "15", "--num-workers", "0", "--resume"),
+                          capture_output=True, text=True, timeout=600)
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("Error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and f"{metrics}: line 4 is not JSON" in errors[0]
 
 
 def deepspeed_cmd(out: Path, *args: str) -> list[str]:

@@ -11,7 +11,7 @@ from arc25_fast.encoding import FastEncoder
 from arc25_fast.engine import build_engine, init_distributed
 from arc25_fast.model import PackedCausalLM, load_base_model
 from arc25_fast.stream import PackedStream, PackingConfig, micro_batch, to_torch
-from arc25_fast.train import build_model, optimizer_step
+from arc25_fast.trainer import build_model, optimizer_step
 from arc25_fast.validation import model_inputs
 
 CPU = torch.device("cpu")
@@ -176,3 +176,16 @@ def test_fused_linear_cross_entropy_equals_autograd(trainable, bias, scale, soft
     assert stats[0] == 30 and stats[3] == int(answer.sum())
     assert stats[1] == int((logits.argmax(-1) == targets[positions]).sum())
     torch.testing.assert_close(float(stats[2]), float(token_losses[answer].sum().detach()), rtol=1e-5, atol=1e-5)
+
+
+def test_the_adapter_init_is_seeded_for_a_saved_base_model(tiny_tokenizer, tmp_path):
+    """A base model loaded from disk draws no seeded random numbers of its own: LoRA A must still start the same."""
+    load_base_model("tiny", len(tiny_tokenizer), torch.float32, "sdpa", 0).save_pretrained(tmp_path / "base")
+    cfg = TrainConfig(model=str(tmp_path / "base"))
+    torch.manual_seed(123)  # whatever ran before
+    first = {n: p.detach().clone() for n, p in build_model(cfg, len(tiny_tokenizer), CPU)[1].named_parameters()
+             if p.requires_grad}
+    torch.manual_seed(456)
+    second = {n: p for n, p in build_model(cfg, len(tiny_tokenizer), CPU)[1].named_parameters() if p.requires_grad}
+    assert first and all(torch.equal(first[n], second[n]) for n in first)
+    assert any(first[n].abs().sum() > 0 for n in first if "lora_A" in n)

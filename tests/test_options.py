@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from arc25_fast.cli import main
 from arc25_fast.config import ConfigError, DataConfig, TrainConfig, resolve
-from arc25_fast.preflight import use_private_extensions_dir
+from arc25_fast.extensions import use_private_extensions_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--max-tokens", "1024", "--verify-samples", "0", "--eval-every", "0", "--num-workers", "0"]
@@ -42,6 +42,7 @@ BAD_OPTIONS = [
     (["--task-source", "synthetic@nan"], "task source 'synthetic@nan': weight nan must be a finite positive number"),
     (["--task-source", "synthetic@inf"], "weight inf must be a finite positive number"),
     (["--task-source", "synthetic@0"], "weight 0.0 must be a finite positive number"),
+    (["--task-source", "synthetic@abc"], "task source 'synthetic@abc': weight 'abc' is not a number"),
     (["--task-source", "her:/nonexistent.jsonl"], "--task-source her:/nonexistent.jsonl: /nonexistent.jsonl does not exist"),
     (["--max-tokens", "65536"], "--max-tokens 65536 is more than model tiny's 32768 positions"),
     (["--attn", "flash-attn"], "attention backend flash-attn is not available on cpu"),
@@ -59,6 +60,39 @@ def test_bad_option_is_one_line_before_any_work(tmp_path, args, message):
     assert result.exit_code == 1, result.output
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], lines
     assert not (out / "config.json").exists() and not (out / "base_model").exists()  # stopped before the work
+
+
+def test_bad_options_stay_one_line_next_to_a_busy_process(tmp_path, busy_core):
+    for args, message in BAD_OPTIONS:
+        result, lines = run(["train", "--output-dir", str(tmp_path / "run"), *FAST, *args], tmp_path)
+        assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], (args, lines)
+
+
+def test_a_failed_start_leaves_no_output_directory(tmp_path):
+    her = tmp_path / "bad.jsonl"
+    her.write_text('{"inputs": [[[1]]], "outputs": [[[2]]], "code": "def task(img):\\n    return img"}\n{"inputs": 3}\n')
+    out = tmp_path / "run"
+    result, lines = run(["train", "--output-dir", str(out), *FAST, "--task-source", f"her:{her}"], tmp_path)
+    assert result.exit_code == 1 and len(lines) == 1 and "line 2" in lines[0], lines
+    assert not out.exists()  # neither an empty directory nor a lone train.log
+
+
+def test_default_lora_targets_follow_the_architecture():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from arc25_fast.model import ModelError, add_adapter, lora_targets
+
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=64, vocab_size=100))
+    assert lora_targets("attention", neox) == ["query_key_value", "dense"]
+    assert lora_targets("attention+mlp", neox) == ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    model = add_adapter(neox, TrainConfig(model="tiny"))  # the default, --lora-targets attention
+    assert any("query_key_value.lora_A" in n for n, _ in model.named_parameters())
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64, vocab_size=100))
+    assert lora_targets("attention", llama) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    with pytest.raises(ModelError, match="its linear modules: .*q_proj"):
+        lora_targets("q_proj,nonexistent_proj", llama)
 
 
 def test_ds_config_problems_name_the_file(tmp_path):
@@ -163,18 +197,49 @@ def test_her_line_with_a_raw_line_separator_is_valid(tmp_path):
     assert len(tasks) == 1 and tasks[0].code == code and not report.skipped
 
 
-def test_stale_extension_build_lock_is_cleared(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("env", ["TORCH_EXTENSIONS_DIR set", "TORCH_EXTENSIONS_DIR unset"])
+def test_stale_extension_build_locks_are_cleared_where_torch_puts_them(tmp_path, monkeypatch, capsys, env):
+    """The locks are planted in the build directory torch itself computes for an op (one folder below
+    TORCH_EXTENSIONS_DIR, which the trainer always sets: to a private folder under HOME when the user did not)."""
     import os
     import time
 
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    stale = tmp_path / "ext" / "py311_cpu" / "cpu_adam" / "lock"
-    fresh = tmp_path / "ext" / "py311_cpu" / "other_op" / "lock"
+    from torch.utils.cpp_extension import _get_build_directory
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    if env == "TORCH_EXTENSIONS_DIR set":
+        monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    else:
+        monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    use_private_extensions_dir()
+    stale = Path(_get_build_directory("cpu_adam", False)) / "lock"
+    fresh = Path(_get_build_directory("other_op", False)) / "lock"
+    assert stale.parent.parent == Path(os.environ["TORCH_EXTENSIONS_DIR"])
     for lock in (stale, fresh):
-        lock.parent.mkdir(parents=True)
         lock.write_text("")
-    old = time.time() - 3600
+    old = time.time() - 11 * 60
     os.utime(stale, (old, old))
     use_private_extensions_dir()
     assert not stale.exists() and fresh.exists()  # a build in progress elsewhere keeps its lock
     assert "stale extension build lock" in capsys.readouterr().err
+
+
+def test_a_compiling_op_is_announced_and_a_lock_that_turns_stale_is_removed(tmp_path, monkeypatch, capsys):
+    import os
+    import time
+
+    from arc25_fast.extensions import extension_build_notes
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "cpu_adam" / "lock"
+    with extension_build_notes(interval=0.05):
+        lock.parent.mkdir()
+        lock.write_text("")
+        time.sleep(0.3)
+        assert lock.exists() and "compiling the DeepSpeed op cpu_adam" in capsys.readouterr().err
+        old = time.time() - 11 * 60
+        os.utime(lock, (old, old))  # the build that held it died meanwhile
+        time.sleep(0.3)
+        assert not lock.exists()
+
+

