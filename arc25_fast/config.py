@@ -318,6 +318,17 @@ class EvalConfig:
     batch_size: int = option(8, "Prompts per generate call (each with --samples samples).", min=1)
     backend: str = option("auto", "Generation: auto (vLLM when installed and on GPU), vllm or hf.",
                           choices=("auto", "vllm", "hf"))
+    sampler: str = option("sample", "Output prompts: sample (K samples per prompt) or dfs (every answer with "
+                          "probability >= --min-prob, by depth-first search on the KV cache; Hugging Face backend).",
+                          choices=("sample", "dfs"))
+    min_prob: float = option(0.1, "--sampler dfs: the least probability of an answer kept.", min=1e-6, max=1.0)
+    max_candidates: int = option(16, "--sampler dfs: most answers kept per prompt.", min=1)
+    max_seconds: float = option(0.0, "--sampler dfs: search time per task, all its prompts together (0: no limit).",
+                                min=0.0)
+    score_augmentations: int = option(0, "Output prompts: re-score every candidate answer under N views of the task "
+                                      "(the task as it is, then random rotations/reflections and colour "
+                                      "permutations; each view's prompt prefilled once) and rank by the summed "
+                                      "log-probability (0: rank by votes).", min=0)
     vote: bool = option(False, "Output prompts: also predict under dihedral/colour augmentations, map back and vote.")
     vote_augmentations: int = option(8, "Prompts per test input with --vote (the first is the task as it is).", min=1)
     her_out: str | None = option(None, "Append every executed program with the outputs it really produced on the "

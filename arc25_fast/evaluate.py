@@ -78,6 +78,8 @@ def load_generator(cfg: EvalConfig, base: str, tokenizer, stop_ids: list[int], d
     use_vllm = cfg.backend == "vllm" or (cfg.backend == "auto" and vllm_available())
     if cfg.backend == "vllm" and not vllm_available():
         raise ConfigError("--backend vllm: vLLM is not installed or there is no GPU (pip install -e '.[vllm]')")
+    if use_vllm and (cfg.sampler == "dfs" or cfg.score_augmentations):
+        use_vllm = False  # --backend auto: these decoders run on the Hugging Face model
     if use_vllm:
         return VllmGenerator(base, stop_ids, cfg.dtype, cfg.data.seed, max_model_len=32768,
                              max_lora_rank=max_lora_rank(cfg)), "vllm"
@@ -115,6 +117,25 @@ def replayed(cfg: EvalConfig, tasks: list[Task], encoder) -> ReplayGenerator:
             for i, _, _, ids in output_prompts(cfg, task, encoder, None):
                 answers[tuple(ids)] = [text for test, text in rows[task.task_id] if test == i]
     return ReplayGenerator(answers)
+
+
+def sampler_name(cfg: EvalConfig, generator, backend: str) -> str:
+    """How the answers were produced, for the summary."""
+    if backend == "replay":
+        return "replayed"
+    if cfg.sampler == "dfs" and cfg.prompt_kind == "output":
+        return f"dfs (min prob {cfg.min_prob:g}, at most {cfg.max_candidates} per prompt)"
+    if backend == "vllm":
+        return "vllm sampling (prefix caching)"
+    return "shared-prefix sampling" if generator.prefix_sharing else "generate (left-padded batches)"
+
+
+def ranking_name(cfg: EvalConfig) -> str:
+    if cfg.prompt_kind == "code":
+        return "train-correct, demo pairs solved, votes, first sample"
+    if cfg.score_augmentations:
+        return f"summed log-probability under {cfg.score_augmentations} views, votes, first sample"
+    return "votes, first sample"
 
 
 def read_rows(out: Path) -> dict[str, dict]:
@@ -190,6 +211,12 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.vote and cfg.prompt_kind == "code":
         raise ConfigError("--vote applies to --prompt-kind output (programs are checked on the demo pairs instead)")
     layers = parse_layers(cfg.sandbox_layers, cfg.unsafe_sandbox)
+    if (cfg.sampler == "dfs" or cfg.score_augmentations) and cfg.prompt_kind == "code":
+        raise ConfigError("--sampler dfs and --score-augmentations apply to --prompt-kind output (programs are ranked "
+                          "by the demo pairs they solve)")
+    if (cfg.sampler == "dfs" or cfg.score_augmentations) and (cfg.replay or cfg.backend == "vllm"):
+        raise ConfigError("--sampler dfs and --score-augmentations need the model on the Hugging Face backend "
+                          "(--backend hf), not " + ("--replay" if cfg.replay else "--backend vllm"))
     if cfg.replay and cfg.vote:
         raise ConfigError("--replay with --vote: predictions.jsonl does not record the colour maps to map answers "
                           "back with")
@@ -233,7 +260,8 @@ def _evaluate(cfg: EvalConfig, all_tasks: list[Task], tasks: list[Task], base: s
         generator, backend = replayed(cfg, tasks, encoder), "replay"
     else:
         generator, backend = load_generator(cfg, base, tokenizer, stop_ids, device)
-    extra = {"backend": backend, "sandbox": pool.isolation if pool is not None else None}
+    extra = {"backend": backend, "sandbox": pool.isolation if pool is not None else None,
+             "sampler": sampler_name(cfg, generator, backend), "ranking": ranking_name(cfg)}
     if rank == 0:
         save_run_config(cfg, out, {"resolved": {"base_model": base, "world_size": world, **extra}})
     sampling = Sampling(cfg.samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size, cfg.data.seed)

@@ -20,10 +20,12 @@ class Sampling:
 class Generated:
     text: str
     tokens: int
+    logprob: float | None = None  # the completion's log-probability (depth-first search)
 
 
 class HFGenerator:
-    """``model.generate`` on left-padded batches.
+    """Sampling on a Hugging Face model: shared-prefix decoding (``decoding.sample``: each prompt prefilled once, no
+    padded prefill), or ``model.generate`` on left-padded batches for models whose caches it cannot build.
 
     With ``adapters=True`` (``evaluate``) it holds the base model and answers each call with exactly the adapter it is
     given, ``None`` meaning the base model: an adapter is loaded once and stays while the same path is asked, and is
@@ -33,9 +35,13 @@ class HFGenerator:
     model as it is."""
 
     def __init__(self, model, tokenizer, stop_ids: list[int], device: torch.device, adapters: bool = True,
-                 reload=None):
+                 reload=None, prefix_sharing: bool | None = None):
+        from .decoding import supports
+
         self.model, self.tokenizer, self.stop_ids, self.device = model, tokenizer, stop_ids, device
         self.adapters = adapters
+        # shared-prefix sampling (``decoding``) unless asked otherwise or the model needs generate's own caches
+        self.prefix_sharing = supports(model) is None if prefix_sharing is None else prefix_sharing
         self.reload = reload  # () -> a fresh base model, for when a failed adapter load leaves its layers behind
         self.adapter_path: str | None = None  # the adapter applied now
         self.tokens = 0
@@ -68,6 +74,8 @@ class HFGenerator:
 
         self.use_adapter(adapter)
         sync_tied_head(self.model)
+        if self.prefix_sharing:
+            return self._sample(prompts, sampling)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         out: list[list[Generated]] = []
         start = time.perf_counter()
@@ -96,6 +104,66 @@ class HFGenerator:
         return out
 
 
+    def _sample(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Generated]]:
+        from .decoding import sample
+
+        start = time.perf_counter()
+        try:
+            drawn = sample(self.model, prompts, sampling.n, sampling.temperature, sampling.top_p,
+                           sampling.max_new_tokens, self.stop_ids, sampling.seed, sampling.batch_size, self.device)
+        finally:
+            self.seconds += time.perf_counter() - start
+        out = []
+        for answers in drawn:
+            row = []
+            for seq in answers:
+                n = len(seq) + (len(seq) < sampling.max_new_tokens)  # the stop token counts when it came
+                self.tokens += n
+                row.append(Generated(self.tokenizer.decode(seq), n))
+            out.append(row)
+        return out
+
+    def dfs(self, prompts: list[list[int]], min_prob: float, max_new_tokens: int, max_candidates: int,
+            max_seconds: float, adapter: str | None = None) -> list[list[Generated]]:
+        """Every completion of each prompt with probability >= ``min_prob``, most probable first; the caps hold
+        for all the prompts together (one task)."""
+        from .decoding import dfs
+        from .model import sync_tied_head
+
+        self.use_adapter(adapter)
+        sync_tied_head(self.model)
+        start = time.perf_counter()
+        out = []
+        for prompt in prompts:
+            left = max_seconds - (time.perf_counter() - start) if max_seconds else 0.0
+            if max_seconds and left <= 0:
+                out.append([])
+                continue
+            found, _ = dfs(self.model, prompt, self.stop_ids, min_prob, max_new_tokens, max_candidates,
+                           left, self.device)
+            row = []
+            for c in found:
+                body = [t for t in c.tokens if t not in self.stop_ids]
+                self.tokens += len(c.tokens)
+                row.append(Generated(self.tokenizer.decode(body), len(c.tokens), c.logprob))
+            out.append(row)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def score(self, prompt: list[int], answers: list[list[int]], adapter: str | None = None) -> list[float]:
+        """log P(answer | prompt) per answer, the prompt prefilled once (augmentation re-scoring)."""
+        from .decoding import score
+        from .model import sync_tied_head
+
+        self.use_adapter(adapter)
+        sync_tied_head(self.model)
+        start = time.perf_counter()
+        try:
+            return score(self.model, prompt, answers, self.device)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
 class VllmGenerator:
     """vLLM's offline engine on the base model; each call's adapter is a ``LoRARequest`` (None: the base model)."""
 
@@ -105,7 +173,7 @@ class VllmGenerator:
 
         self.llm = LLM(model=model, enable_lora=True, max_lora_rank=max_lora_rank, seed=seed,
                        dtype={"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[dtype],
-                       max_model_len=max_model_len)
+                       max_model_len=max_model_len, enable_prefix_caching=True)  # K samples share one prefill
         self.stop_ids = stop_ids
         self.tokens = 0
         self.seconds = 0.0

@@ -1,7 +1,9 @@
 """Scoring sampled answers of ARC tasks: parse, rank, pass@k, ARC Prize scores, Kaggle submissions, HER lines.
 
 Ranking rule (documented in the README): candidates are grouped by the test output(s) they give; groups are ranked
-by (train-correct first, then demo pairs solved, then group size (votes), then the index of their first sample).
+by (train-correct first, then demo pairs solved, then the augmentation score where candidates were re-scored
+(``--score-augmentations``: summed log-probability, higher first), then group size (votes), then the index of their
+first sample).
 Attempt i of a task is group i. ``pass@k``: one of the first k groups gives every test output right; ``pass@K``
 (all samples): any sample does. The ARC Prize score of a task is the share of its test outputs right within two
 attempts, each test output ranked on its own.
@@ -10,6 +12,7 @@ Code-from-examples: a program is *train-correct* when it reproduces every demo o
 parsed grid is a candidate (it has no demo pairs to check); with voting, predictions made under augmentations are
 mapped back first. Malformed text is a parse error, never a crash.
 """
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -86,6 +89,7 @@ class Candidate:
     demos_total: int = 0
     index: int = 0
     code: str | None = None
+    score: float | None = None  # summed log-probability under augmented views (--score-augmentations)
 
     @property
     def train_correct(self) -> bool:
@@ -102,6 +106,7 @@ class Ranked:
     demos_solved: int
     first: int
     codes: list[str] = field(default_factory=list)
+    score: float | None = None
 
 
 def _key(outputs: Sequence[np.ndarray | None]) -> tuple:
@@ -117,13 +122,16 @@ def rank(candidates: list[Candidate]) -> list[Ranked]:
         key = _key(c.test_outputs)
         g = groups.get(key)
         if g is None:
-            groups[key] = g = Ranked(c.test_outputs, 0, c.train_correct, c.demos_solved, c.index)
+            groups[key] = g = Ranked(c.test_outputs, 0, c.train_correct, c.demos_solved, c.index, score=c.score)
         g.votes += 1
         g.train_correct |= c.train_correct
         g.demos_solved = max(g.demos_solved, c.demos_solved)
         if c.code is not None:
             g.codes.append(c.code)
-    return sorted(groups.values(), key=lambda g: (not g.train_correct, -g.demos_solved, -g.votes, g.first))
+    scored = any(g.score is not None for g in groups.values())
+    return sorted(groups.values(), key=lambda g: (not g.train_correct, -g.demos_solved,
+                                                  -(g.score if scored and g.score is not None else -math.inf),
+                                                  -g.votes, g.first))
 
 
 def same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
@@ -142,7 +150,8 @@ def score_task(task: Task, candidates: list[Candidate], ks: Sequence[int] = (1, 
            "train_correct": sum(c.train_correct for c in candidates)}
     per_test = []  # each test output ranked on its own, for the two attempts
     for i in range(len(truths)):
-        single = rank([Candidate((c.test_outputs[i],), c.demos_solved, c.demos_total, c.index) for c in candidates])
+        single = rank([Candidate((c.test_outputs[i],), c.demos_solved, c.demos_total, c.index, score=c.score)
+                       for c in candidates])
         per_test.append([g.test_outputs[0] for g in single[:2]])
     out["attempts"] = per_test
     if known:

@@ -28,28 +28,81 @@ def end_of_turn_ids(tokenizer, encoder) -> list[int]:
     return sorted({t for t in suffix[:1] if t in special} | {tokenizer.eos_token_id} - {None})
 
 
+def view(k: int, cmap: np.ndarray | None):
+    """A grid transform: dihedral ``k``, then the colour map (None: colours kept)."""
+    def t(grid: np.ndarray) -> np.ndarray:
+        grid = dihedral(grid, k)
+        return cmap[grid] if cmap is not None else np.ascontiguousarray(grid)
+    return t
+
+
+def random_views(cfg: EvalConfig, n: int, rng: Rng) -> list[tuple[int, np.ndarray | None]]:
+    """``n`` views of a task: the task as it is, then random rotations/reflections with colour permutations."""
+    return [(0, None)] + [(rng.below(8), random_color_map(rng.np, cfg.data.keep_background)) for _ in range(n - 1)]
+
+
 def output_prompts(cfg: EvalConfig, task: Task, encoder, rng: Rng | None) -> list[tuple[int, int, np.ndarray | None, list]]:
     """(test index, dihedral k, colour map, prompt ids) for each test input, under each voting augmentation."""
     prompts = []
     for i, (test_input, _) in enumerate(task.test):
-        for a in range(cfg.vote_augmentations if cfg.vote else 1):
-            k = rng.below(8) if a else 0
-            cmap = random_color_map(rng.np, cfg.data.keep_background) if a else None
-
-            def t(grid, k=k, cmap=cmap):
-                grid = dihedral(grid, k)
-                return cmap[grid] if cmap is not None else np.ascontiguousarray(grid)
-
+        for k, cmap in random_views(cfg, cfg.vote_augmentations, rng) if cfg.vote else [(0, None)]:
+            t = view(k, cmap)
             sample = output_from_examples(f"eval:{cfg.tasks}", task.task_id, [(t(x), t(y)) for x, y in task.train],
                                           t(test_input), None)
             prompts.append((i, k, cmap, encoder.encode(sample).ids.tolist()))
     return prompts
 
 
+def view_answer_ids(cfg: EvalConfig, task: Task, encoder, test_index: int, grids: list[np.ndarray], k: int,
+                    cmap: np.ndarray | None) -> tuple[list[int], list[list[int]]]:
+    """The prompt of one view of a test input, and each grid's answer tokens in that view (end of turn included),
+    encoded exactly as training encodes an answer."""
+    t = view(k, cmap)
+    prompt, answers = None, []
+    for grid in grids:
+        sample = output_from_examples(f"eval:{cfg.tasks}", task.task_id, [(t(x), t(y)) for x, y in task.train],
+                                      t(task.test[test_index][0]), t(grid))
+        encoded = encoder.encode(sample)
+        start, end = (int(x) for x in encoded.spans[-1])
+        ids = encoded.ids.tolist()
+        if prompt is None:
+            prompt = ids[:start]
+        answers.append(ids[start:end])
+    return prompt, answers
+
+
+def rescore(cfg: EvalConfig, task: Task, encoder, generator, adapter, per_test: list[list[Candidate]],
+            rng: Rng) -> int:
+    """Every distinct candidate grid scored by its summed log-probability under ``--score-augmentations`` views of
+    its test input (the "product of experts"); returns the (view, grid) pairs scored."""
+    scored = 0
+    for i, candidates in enumerate(per_test):
+        grids = {}
+        for c in candidates:
+            if c.test_outputs[0] is not None:
+                grids.setdefault((c.test_outputs[0].shape, c.test_outputs[0].tobytes()), c.test_outputs[0])
+        if not grids:
+            continue
+        totals = dict.fromkeys(grids, 0.0)
+        for k, cmap in random_views(cfg, cfg.score_augmentations, rng):
+            prompt, answers = view_answer_ids(cfg, task, encoder, i, list(grids.values()), k, cmap)
+            for key, lp in zip(grids, generator.score(prompt, answers, adapter)):
+                totals[key] += lp
+            scored += len(grids)
+        for c in candidates:
+            if c.test_outputs[0] is not None:
+                c.score = totals[(c.test_outputs[0].shape, c.test_outputs[0].tobytes())]
+    return scored
+
+
 def score_output_task(cfg: EvalConfig, task: Task, encoder, generator, adapter, sampling: Sampling,
                       rng: Rng) -> tuple[dict, list[dict], list[dict]]:
     prompts = output_prompts(cfg, task, encoder, rng)
-    generated = generator.generate([p[3] for p in prompts], sampling, adapter)
+    if cfg.sampler == "dfs":
+        generated = generator.dfs([p[3] for p in prompts], cfg.min_prob, sampling.max_new_tokens, cfg.max_candidates,
+                                  cfg.max_seconds, adapter)
+    else:
+        generated = generator.generate([p[3] for p in prompts], sampling, adapter)
     per_test: list[list[Candidate]] = [[] for _ in task.test]
     records, parse_errors = [], 0
     for (i, k, cmap, _), answers in zip(prompts, generated):
@@ -59,11 +112,15 @@ def score_output_task(cfg: EvalConfig, task: Task, encoder, generator, adapter, 
             if grid is not None:
                 grid = inverse_transform(grid, k, cmap)
             per_test[i].append(Candidate((grid,), index=len(per_test[i])))
-            records.append({"test": i, "dihedral": k, "text": g.text[:MAX_TEXT], "parsed": grid is not None})
+            record = {"test": i, "dihedral": k, "text": g.text[:MAX_TEXT], "parsed": grid is not None}
+            if g.logprob is not None:
+                record["logprob"] = g.logprob
+            records.append(record)
+    rescored = rescore(cfg, task, encoder, generator, adapter, per_test, rng) if cfg.score_augmentations else 0
     scores = [score_task(Task(task.task_id, task.train, [task.test[i]]), per_test[i]) for i in range(len(task.test))]
     attempts = [s["attempts"][0] for s in scores]
     result = {"samples": sum(len(c) for c in per_test), "parse_errors": parse_errors, "exec_errors": 0,
-              "programs": 0, "train_correct": 0, "attempts": attempts}
+              "programs": 0, "train_correct": 0, "attempts": attempts, "rescored": rescored}
     if all(o is not None for _, o in task.test):
         for key in ("pass@1", "pass@2", "pass@all"):
             result[key] = float(all(s[key] for s in scores))

@@ -1,6 +1,7 @@
 """arc25-fast evaluate end to end on CPU with Hugging Face generate: a tiny model trained until it solves its tasks
 is scored as solving them, through both prompt kinds; predictions, a Kaggle submission and HER lines that train."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -140,3 +141,19 @@ def test_bad_evaluate_input_is_one_line(flip, tmp_path, busy_core):
         result = CliRunner().invoke(main, ["evaluate", "--tasks", tasks, "--output-dir", str(tmp_path / "o"), *extra])
         lines = [x for x in result.output.splitlines() if x.strip()]
         assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], (extra, lines)
+
+
+def test_evaluate_output_prompts_with_dfs_and_augmentation_scores(constant, output_model):
+    out = constant / "eval_dfs"
+    invoke(["evaluate", "--tasks", f"kaggle:{constant / 'const_challenges.json'}", "--model", str(output_model / "model"),
+            "--prompt-kind", "output", "--sampler", "dfs", "--min-prob", "0.05", "--max-new-tokens", "40",
+            "--score-augmentations", "3", "--output-dir", str(out)])
+    summary = json.loads((out / "evaluate_summary.json").read_text())
+    assert summary["sampler"].startswith("dfs (min prob 0.05") and "under 3 views" in summary["ranking"]
+    assert summary["pass@1"] == 1.0
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert all(r["rescored"] >= 3 and r["samples_detail"] for r in rows)
+    logprobs = [d["logprob"] for d in rows[0]["samples_detail"]]
+    assert logprobs == sorted(logprobs, reverse=True) and all(lp >= math.log(0.05) - 1e-6 for lp in logprobs)
+    default = json.loads((constant / "eval_output" / "evaluate_summary.json").read_text())
+    assert default["sampler"] == "shared-prefix sampling" and default["ranking"] == "votes, first sample"

@@ -99,3 +99,13 @@ def test_unknown_test_outputs_give_attempts_and_a_kaggle_entry():
     assert "pass@1" not in scores and [len(a) for a in scores["attempts"]] == [1, 1]
     entry = submission_entry(task, scores["attempts"])
     assert entry == [{"attempt_1": [[3, 4]], "attempt_2": [[0]]}, {"attempt_1": [[3, 4]], "attempt_2": [[0]]}]
+
+
+def test_augmentation_scores_rank_before_votes_and_ties_keep_the_order():
+    a, b, c = (np.full((2, 2), v, dtype=np.uint8) for v in (1, 2, 3))
+    candidates = [Candidate((a,), index=0, score=-5.0), Candidate((a,), index=1, score=-5.0),
+                  Candidate((b,), index=2, score=-1.0), Candidate((c,), index=3, score=-1.0)]
+    order = [g.test_outputs[0][0, 0] for g in rank(candidates)]
+    assert order == [2, 3, 1]  # b and c tie on score: the first sampled first; a's two votes come after
+    assert [g.test_outputs[0][0, 0] for g in rank([Candidate(x.test_outputs, index=x.index) for x in candidates])] \
+        == [1, 2, 3]  # without scores: votes

