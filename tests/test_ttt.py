@@ -110,7 +110,7 @@ def test_the_engine_is_reset_between_tasks(ttt_run, tmp_path):
     assert fresh == pytest.approx(after, rel=1e-6)
 
 
-def test_bad_ttt_input_is_one_line(tmp_path, ttt_run):
+def test_bad_ttt_input_is_one_line(tmp_path, ttt_run, busy_core):
     root, tasks = ttt_run
     no_demos = tmp_path / "z_challenges.json"
     no_demos.write_text(json.dumps({"t1": {"train": [], "test": [{"input": [[1]]}]}}))
