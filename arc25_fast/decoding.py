@@ -1,9 +1,9 @@
 """Decoding on a Hugging Face model without recomputed prompts or padded prefills.
 
-- ``sample``: each prompt is prefilled once, alone (no padding), and its KV cache is shared by its K samples; all
-  K x B rows of a batch of prompts then decode together on a cache that is left-padded only where prompts differ in
-  length (padding costs attention over those cache positions, never a prefill), each row stopping on its own and
-  leaving the batch. Each row draws from its own generator, seeded by (seed, prompt, sample index): the same seed
+- ``sample``: each prompt is prefilled once, alone (no padding), and its KV cache is shared by its K samples; the
+  K x B rows of up to B prompts of close lengths then decode together on a cache left-padded only where those
+  lengths differ (padding costs attention over a few cache positions, never a prefill), each row stopping on its own
+  and leaving the batch. Each row draws from its own generator, seeded by (seed, prompt, sample index): the same seed
   gives the same samples whatever the batch size or the order of the prompts.
 - ``dfs``: every completion whose probability is at least ``min_prob``, most probable first, by depth-first search
   on one KV cache (extended for a child, cropped back for its sibling), as the ARChitects and NVARC decode grids.
@@ -74,11 +74,21 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generators: li
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int,
            stop_ids: list[int], seed: int, batch_size: int, device: torch.device) -> list[list[list[int]]]:
-    """``n`` completions (token ids, stop token excluded) per prompt."""
-    out: list[list[list[int]]] = []
-    for b in range(0, len(prompts), batch_size):
-        out += _sample_batch(model, prompts[b:b + batch_size], n, temperature, top_p, max_new_tokens, set(stop_ids),
-                             seed, device)
+    """``n`` completions (token ids, stop token excluded) per prompt. Prompts decode together in groups of at most
+    ``batch_size`` whose lengths are close (within a quarter, or 64 tokens), so the shared cache is padded little."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and len(groups[-1]) < batch_size and len(prompts[i]) <= 1.25 * len(prompts[groups[-1][0]]) + 64:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    out: list[list[list[int]]] = [[] for _ in prompts]
+    for group in groups:
+        drawn = _sample_batch(model, [prompts[i] for i in group], n, temperature, top_p, max_new_tokens,
+                              set(stop_ids), seed, device)
+        for i, samples in zip(group, drawn):
+            out[i] = samples
     return out
 
 

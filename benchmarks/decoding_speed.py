@@ -43,10 +43,12 @@ def main() -> None:
     ap.add_argument("--max-tasks", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--ks", default="1,8,32")
-    ap.add_argument("--views", type=int, default=8)
-    ap.add_argument("--candidates", type=int, default=8)
+    ap.add_argument("--batch-sizes", default="1,8", help="prompts per call, for both methods")
+    ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--candidates", type=int, default=4)
     ap.add_argument("--min-probs", default="0.1,0.05")
-    ap.add_argument("--dfs-max-new-tokens", type=int, default=64)
+    ap.add_argument("--dfs-max-new-tokens", type=int, default=1100, help="room for a 30x30 grid's answer")
+    ap.add_argument("--dfs-max-seconds", type=float, default=30.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -63,19 +65,31 @@ def main() -> None:
               f"{args.threads} thread(s)", "tasks": len(tasks), "prompt_tokens": [len(p) for p in prompts],
               "sampling": [], "scoring": {}, "dfs": []}
     print(f"{len(tasks)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens")
-    for k in [int(x) for x in args.ks.split(",")]:
-        sampling = Sampling(k, 1.0, 0.95, args.max_new_tokens, 8, 0)
-        rows = {}
-        for name, shared in (("generate", False), ("shared prefix", True)):
-            gen = HFGenerator(model, tokenizer, stop, device, prefix_sharing=shared)
-            out, seconds = timed(lambda: gen.generate(prompts, sampling))
-            tokens = sum(g.tokens for answers in out for g in answers)
-            rows[name] = {"seconds": seconds, "generated_tokens_per_s": tokens / seconds,
-                          "prompts_per_s": len(prompts) / seconds, "samples": sum(map(len, out))}
-        ratio = rows["generate"]["seconds"] / rows["shared prefix"]["seconds"]
-        report["sampling"].append({"k": k, **{n.replace(" ", "_"): r for n, r in rows.items()}, "speedup": ratio})
-        print(f"K={k}: generate {rows['generate']['prompts_per_s']:.2f} prompts/s, shared prefix "
-              f"{rows['shared prefix']['prompts_per_s']:.2f} prompts/s: {ratio:.2f}x")
+    for shared in (False, True):  # warm-up: first-call costs belong to neither method
+        HFGenerator(model, tokenizer, stop, device, prefix_sharing=shared).generate(
+            prompts[:1], Sampling(1, 1.0, 0.95, 2, 1, 0))
+    for batch in [int(x) for x in args.batch_sizes.split(",")]:
+        for k in [int(x) for x in args.ks.split(",")]:
+            sampling = Sampling(k, 1.0, 0.95, args.max_new_tokens, batch, 0)
+            rows = {}
+            for name, shared in (("generate", False), ("shared prefix", True)):
+                gen = HFGenerator(model, tokenizer, stop, device, prefix_sharing=shared)
+                try:
+                    out, seconds = timed(lambda: gen.generate(prompts, sampling))
+                except RuntimeError as e:  # e.g. generate's padded batch of K copies runs out of memory
+                    rows[name] = {"error": str(e).strip().splitlines()[0][:120]}
+                    continue
+                tokens = sum(g.tokens for answers in out for g in answers)
+                rows[name] = {"seconds": seconds, "generated_tokens_per_s": tokens / seconds,
+                              "prompts_per_s": len(prompts) / seconds, "samples": sum(map(len, out))}
+            ok = all("seconds" in r for r in rows.values())
+            ratio = rows["generate"]["seconds"] / rows["shared prefix"]["seconds"] if ok else None
+            report["sampling"].append({"k": k, "batch_size": batch, **{n.replace(" ", "_"): r for n, r in rows.items()},
+                                       "speedup": ratio})
+            line = {n: f"{r['prompts_per_s']:.3f} prompts/s, {r['generated_tokens_per_s']:.0f} tokens/s"
+                    if "seconds" in r else r["error"] for n, r in rows.items()}
+            print(f"batch {batch}, K={k}: generate {line['generate']}; shared prefix {line['shared prefix']}"
+                  + (f": {ratio:.2f}x" if ratio else ""))
     rng = np.random.default_rng(0)
     scratch_s, shared_s, n = 0.0, 0.0, 0
     for task in tasks:
@@ -97,7 +111,7 @@ def main() -> None:
         counts, seconds = [], []
         for prompt in prompts:
             (found, _), s = timed(lambda: decoding.dfs(model, prompt, stop, p, args.dfs_max_new_tokens,
-                                                       max_seconds=120))
+                                                       max_seconds=args.dfs_max_seconds))
             counts.append(len(found))
             seconds.append(s)
         report["dfs"].append({"min_prob": p, "candidates_per_task": counts, "seconds_per_task": seconds})
