@@ -21,9 +21,8 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -429,7 +428,6 @@ def _write_all(fd: int, data: bytes, deadline: float) -> None:
 class _Worker:
     proc: subprocess.Popen
     scratch: str | None = None  # the host directory it works in (without the namespaces layer)
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def read_message(self, deadline: float, cap: int) -> dict:
         fd = self.proc.stdout.fileno()

@@ -348,3 +348,17 @@ def test_the_program_runs_unprivileged_in_its_own_namespaces(pools):
             "int(not os.path.exists('/work')), int(os.getcwd() == '/scratch/work')]]\n")
     result = run_checked(pools(frozenset()), code)
     assert result.ok and result.outputs[0].tolist() == [[1, 1, 1, 1]], result
+
+
+def test_landlock_alone_keeps_files_and_other_processes_out(pools, tmp_path):
+    """Without bubblewrap (``--sandbox-layers landlock,seccomp,...``) the file layer is Landlock's: the program still
+    reads neither a solutions file nor another process's /proc, and writes nowhere but its scratch directory."""
+    secret = tmp_path / "x_solutions.json"
+    secret.write_text('{"t": [[[7]]]}')
+    pool = pools(frozenset({NS}))
+    for body in (f"open({str(secret)!r}).read()", f"open('/proc/{os.getpid()}/cmdline').read()",
+                 f"open({str(tmp_path / 'out.txt')!r}, 'w').write('x')", "import os\nos.listdir('/')"):
+        result = run_checked(pool, program(body, TAMPER))
+        assert result.ok and result.outputs[0].tolist() == [[0]], (body, result)
+    assert not (tmp_path / "out.txt").exists()
+    assert worked(run_checked(pool, program("open('notes.txt', 'w').write('ok')\nassert open('notes.txt').read()")))
