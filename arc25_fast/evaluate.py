@@ -3,7 +3,7 @@
 Each task is solved by ``solving`` (prompts encoded exactly as in training, samples, programs in the sandbox pool,
 ranking). A task whose generation, execution or scoring fails is recorded as failed with its reason and the run
 goes on; ``submission.json`` is rewritten after every task and at the end, and always holds every task of the
-source (``FALLBACK`` where no answer was produced), so an interrupted run leaves a valid file; ``--resume`` skips the
+source (``scoring.FALLBACK`` where no answer was produced), so an interrupted run leaves a valid file; ``--resume`` skips the
 tasks already recorded. Under the ``deepspeed`` launcher every rank takes the tasks ``rank::world_size``, writes its
 own predictions file, and the summary is rebuilt from all of them.
 """
@@ -33,8 +33,6 @@ from .sources import ArcSource, Augmentation, Mix, load_tasks
 from .tasks import Task
 from .threads import set_threads
 from .tokenizer import load_tokenizer
-
-FALLBACK = [[0]]  # the answer submitted for a test input that has none (a failed or unfinished task)
 
 
 def resolve_models(cfg: EvalConfig) -> tuple[str, str | None]:
@@ -138,10 +136,10 @@ def ranking_name(cfg: EvalConfig) -> str:
     return "votes, first sample"
 
 
-def read_rows(out: Path) -> dict[str, dict]:
+def read_rows(out: Path, pattern: str = "predictions*.jsonl") -> dict[str, dict]:
     """Every rank's recorded tasks; a damaged last line (a run killed mid-write) is ignored."""
     rows = {}
-    for path in sorted(out.glob("predictions*.jsonl")):
+    for path in sorted(out.glob(pattern)):
         for line in path.read_text().splitlines():
             try:
                 row = json.loads(line)
@@ -152,7 +150,8 @@ def read_rows(out: Path) -> dict[str, dict]:
 
 
 def write_submission(out: Path, tasks: list[Task], rows: dict[str, dict]) -> None:
-    """Kaggle's submission.json for every task, written whole and then renamed: never a half-written file."""
+    """Kaggle's submission.json for every task (``scoring.FALLBACK`` where a task has no row yet), written whole and
+    then renamed: never a half-written file. ``rows`` need only ``attempts``."""
     submission = {}
     for task in sorted(tasks, key=lambda t: t.task_id):
         attempts = rows[task.task_id]["attempts"] if task.task_id in rows else []
@@ -266,9 +265,11 @@ def _evaluate(cfg: EvalConfig, all_tasks: list[Task], tasks: list[Task], base: s
         save_run_config(cfg, out, {"resolved": {"base_model": base, "world_size": world, **extra}})
     sampling = Sampling(cfg.samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size, cfg.data.seed)
     predictions = out / ("predictions.jsonl" if world == 1 else f"predictions_rank{rank}.jsonl")
+    attempts = out / f"attempts_rank{rank}.jsonl"  # the answers alone: the submission is rebuilt from these per task
     done = set(read_rows(out)) if cfg.resume else set()
     if not cfg.resume:
         predictions.write_text("")
+        attempts.write_text("")
     elif done:
         note(f"resume: {len(done)} tasks already recorded in {out}; continuing with the others", rank)
     mine = [t for t in tasks[rank::world] if t.task_id not in done]
@@ -290,6 +291,8 @@ def _evaluate(cfg: EvalConfig, all_tasks: list[Task], tasks: list[Task], base: s
                     note(f"task {task.task_id}: no TTT adapter in {cfg.ttt_dir}; using the base model", rank)
             row, her = solve_or_fail(cfg, task, encoder, generator, sampling, pool, task_adapter, rank)
             stats["sandbox_seconds"] += row.pop("sandbox_seconds", 0.0)
+            with open(attempts, "a") as f:  # first: a task recorded in predictions always has its attempts
+                f.write(json.dumps({"task_id": row["task_id"], "attempts": row["attempts"]}) + "\n")
             with open(predictions, "a") as f:
                 f.write(json.dumps(row) + "\n")
             lines, left_out = checked_her(her, specials)
@@ -301,7 +304,7 @@ def _evaluate(cfg: EvalConfig, all_tasks: list[Task], tasks: list[Task], base: s
                 stats["her_lines"] += len(lines)
             with open(out / ".evaluate.lock", "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                write_submission(out, all_tasks, read_rows(out))
+                write_submission(out, all_tasks, read_rows(out, "attempts_rank*.jsonl"))
             if progress is not None:
                 progress.update(1)
     finally:

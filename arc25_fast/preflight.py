@@ -24,7 +24,8 @@ from .sources import parse_spec
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "model", "adapter", "base_model", "train.log",
                "summary.json", "wandb", "ttt.log", "ttt_summary.json", "evaluate.log", "evaluate_summary.json",
                "predictions.jsonl", "submission.json")
-RUN_OUTPUT_PREFIXES = ("rank", "train_rank", "ttt_rank", "evaluate_rank")
+RUN_OUTPUT_PREFIXES = ("rank", "train_rank", "ttt_rank", "evaluate_rank", "predictions_rank", "attempts_rank",
+                       "timing_rank")
 RESUME_MAY_CHANGE = {"max_steps", "save_every", "keep_checkpoints", "log_every", "eval_every", "resume", "overwrite",
                      "verbose", "wandb", "wandb_project", "max_bad_steps", "collective_timeout", "threads"}
 

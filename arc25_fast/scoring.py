@@ -163,12 +163,15 @@ def score_task(task: Task, candidates: list[Candidate], ks: Sequence[int] = (1, 
     return out
 
 
+FALLBACK = [[0]]  # the grid submitted for an attempt that has no answer (none produced, a failed task)
+
+
 def submission_entry(task: Task, attempts: list[list[np.ndarray]]) -> list[dict]:
-    """Kaggle format: one {"attempt_1": grid, "attempt_2": grid} per test input; a missing attempt is [[0]]."""
+    """Kaggle format: one {"attempt_1": grid, "attempt_2": grid} per test input; a missing attempt is ``FALLBACK``."""
     entry = []
     for i in range(len(task.test)):
         grids = [a.tolist() for a in (attempts[i] if i < len(attempts) else [])]
-        grids += [[[0]]] * (2 - len(grids))
+        grids += [FALLBACK] * (2 - len(grids))
         entry.append({"attempt_1": grids[0], "attempt_2": grids[1]})
     return entry
 
