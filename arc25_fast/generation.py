@@ -1,5 +1,6 @@
 """Sampling answers: vLLM when installed (LoRA adapters served as adapters, not merged), Hugging Face ``generate``
 otherwise. Both take prompts as token ids from the training encoder, so prompts are exactly the training ones."""
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -69,50 +70,52 @@ class HFGenerator:
                 raise
             self.adapter_path = path
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: str | None = None) -> list[list[Generated]]:
+    @contextlib.contextmanager
+    def _running(self, adapter: str | None):
+        """``adapter`` applied (a tied head's copy refreshed), then the time inside counted as generation time."""
         from .model import sync_tied_head
 
         self.use_adapter(adapter)
         sync_tied_head(self.model)
-        if self.prefix_sharing:
-            return self._sample(prompts, sampling)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
-        out: list[list[Generated]] = []
         start = time.perf_counter()
         try:
-            for b in range(0, len(prompts), sampling.batch_size):
-                batch = prompts[b:b + sampling.batch_size]
-                width = max(len(p) for p in batch)
-                ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in batch], device=self.device)
-                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=self.device)
-                torch.manual_seed(sampling.seed + b)
-                with torch.no_grad():
-                    gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
-                                              do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
-                                              top_p=sampling.top_p, num_return_sequences=sampling.n,
-                                              eos_token_id=self.stop_ids, pad_token_id=pad)
-                new = gen[:, width:].tolist()
-                for i in range(len(batch)):
-                    answers = []
-                    for seq in new[i * sampling.n:(i + 1) * sampling.n]:
-                        end = next((j for j, t in enumerate(seq) if t in self.stop_ids), len(seq))
-                        self.tokens += end + (end < len(seq))
-                        answers.append(Generated(self.tokenizer.decode(seq[:end]), end))
-                    out.append(answers)
+            yield
         finally:
             self.seconds += time.perf_counter() - start
-        return out
 
+    def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: str | None = None) -> list[list[Generated]]:
+        with self._running(adapter):
+            return self._sample(prompts, sampling) if self.prefix_sharing else self._generate(prompts, sampling)
+
+    def _generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Generated]]:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        out: list[list[Generated]] = []
+        for b in range(0, len(prompts), sampling.batch_size):
+            batch = prompts[b:b + sampling.batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in batch], device=self.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=self.device)
+            torch.manual_seed(sampling.seed + b)
+            with torch.no_grad():
+                gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
+                                          do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
+                                          top_p=sampling.top_p, num_return_sequences=sampling.n,
+                                          eos_token_id=self.stop_ids, pad_token_id=pad)
+            new = gen[:, width:].tolist()
+            for i in range(len(batch)):
+                answers = []
+                for seq in new[i * sampling.n:(i + 1) * sampling.n]:
+                    end = next((j for j, t in enumerate(seq) if t in self.stop_ids), len(seq))
+                    self.tokens += end + (end < len(seq))
+                    answers.append(Generated(self.tokenizer.decode(seq[:end]), end))
+                out.append(answers)
+        return out
 
     def _sample(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Generated]]:
         from .decoding import sample
 
-        start = time.perf_counter()
-        try:
-            drawn = sample(self.model, prompts, sampling.n, sampling.temperature, sampling.top_p,
-                           sampling.max_new_tokens, self.stop_ids, sampling.seed, sampling.batch_size, self.device)
-        finally:
-            self.seconds += time.perf_counter() - start
+        drawn = sample(self.model, prompts, sampling.n, sampling.temperature, sampling.top_p,
+                       sampling.max_new_tokens, self.stop_ids, sampling.seed, sampling.batch_size, self.device)
         out = []
         for answers in drawn:
             row = []
@@ -128,40 +131,31 @@ class HFGenerator:
         """Every completion of each prompt with probability >= ``min_prob``, most probable first; the caps hold
         for all the prompts together (one task)."""
         from .decoding import dfs
-        from .model import sync_tied_head
 
-        self.use_adapter(adapter)
-        sync_tied_head(self.model)
-        start = time.perf_counter()
         out = []
-        for prompt in prompts:
-            left = max_seconds - (time.perf_counter() - start) if max_seconds else 0.0
-            if max_seconds and left <= 0:
-                out.append([])
-                continue
-            found, _ = dfs(self.model, prompt, self.stop_ids, min_prob, max_new_tokens, max_candidates,
-                           left, self.device)
-            row = []
-            for c in found:
-                body = [t for t in c.tokens if t not in self.stop_ids]
-                self.tokens += len(c.tokens)
-                row.append(Generated(self.tokenizer.decode(body), len(c.tokens), c.logprob))
-            out.append(row)
-        self.seconds += time.perf_counter() - start
+        with self._running(adapter):
+            start = time.perf_counter()
+            for prompt in prompts:
+                left = max_seconds - (time.perf_counter() - start) if max_seconds else 0.0
+                if max_seconds and left <= 0:
+                    out.append([])
+                    continue
+                found, _ = dfs(self.model, prompt, self.stop_ids, min_prob, max_new_tokens, max_candidates,
+                               left, self.device)
+                row = []
+                for c in found:
+                    body = [t for t in c.tokens if t not in self.stop_ids]
+                    self.tokens += len(c.tokens)
+                    row.append(Generated(self.tokenizer.decode(body), len(c.tokens), c.logprob))
+                out.append(row)
         return out
 
     def score(self, prompt: list[int], answers: list[list[int]], adapter: str | None = None) -> list[float]:
         """log P(answer | prompt) per answer, the prompt prefilled once (augmentation re-scoring)."""
         from .decoding import score
-        from .model import sync_tied_head
 
-        self.use_adapter(adapter)
-        sync_tied_head(self.model)
-        start = time.perf_counter()
-        try:
+        with self._running(adapter):
             return score(self.model, prompt, answers, self.device)
-        finally:
-            self.seconds += time.perf_counter() - start
 
 
 class VllmGenerator:
