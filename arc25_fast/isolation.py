@@ -172,7 +172,7 @@ def runtime_dirs() -> list[str]:
     return sorted(dirs)
 
 
-def bwrap_command(python_args: list[str], scratch_bytes: int, layers: Layers) -> list[str]:
+def bwrap_command(python_args: list[str], scratch_bytes: int) -> list[str]:
     """The bubblewrap command line of one worker: a minimal, read-only view of the runtime and a scratch tmpfs.
 
     Site-packages directories are covered by an empty tmpfs, then only the packages in ``PACKAGES`` are bound
@@ -194,14 +194,11 @@ def bwrap_command(python_args: list[str], scratch_bytes: int, layers: Layers) ->
     cmd += ["--ro-bind", package, f"{PACKAGE_ROOT}/arc25_fast", "--proc", "/proc", "--dev", "/dev",
             "--size", str(scratch_bytes), "--perms", "0700", "--tmpfs", SCRATCH,
             "--size", str(64 << 20), "--tmpfs", "/tmp", "--chdir", SCRATCH]
-    if layers.clean_env:
-        cmd += ["--clearenv"]
-        for k, v in worker_env(namespaces=True).items():
-            cmd += ["--setenv", k, v]
     return cmd + ["--", sys.executable, *python_args]
 
 
 def worker_env(namespaces: bool) -> dict:
+    """The worker's whole environment under ``clean_env`` (added to the caller's without it)."""
     env = {**ENV_FIXED, **{k: os.environ[k] for k in ENV_KEEP if k in os.environ}}
     if namespaces:
         env.update(PYTHONPATH=PACKAGE_ROOT, NUMBA_CACHE_DIR="/tmp/numba-cache")

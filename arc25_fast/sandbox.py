@@ -56,6 +56,10 @@ class Limits:
     scratch_bytes: int = 64 << 20  # its scratch directory, in all (a tmpfs under the namespaces layer)
     processes: int = 64
 
+    def program_seconds(self, n_inputs: int) -> float:
+        """The wall clock a whole program gets (every call, plus start-up) before its worker kills it."""
+        return self.call_seconds * max(n_inputs, 1) + 2.0
+
 
 @dataclass
 class RunResult:
@@ -292,7 +296,7 @@ def run_one(code: str, inputs: list, limits: Limits, ctx: WorkerContext) -> dict
         os.close(read_fd)
         _run_child(code, inputs, limits, ctx, write_fd)
     os.close(write_fd)
-    deadline = time.monotonic() + limits.call_seconds * max(len(inputs), 1) + 2.0
+    deadline = time.monotonic() + limits.program_seconds(len(inputs))
     chunks, size, timed_out = [], 0, False
     while True:
         left = deadline - time.monotonic()
@@ -493,15 +497,16 @@ class SandboxPool:
         scratch = None
         if self.layers.namespaces:
             setup["scratch"] = SCRATCH
-            cmd = bwrap_command(["-m", "arc25_fast.sandbox", json.dumps(setup)], self.limits.scratch_bytes,
-                                self.layers)
-            env, cwd = None if self.layers.clean_env else {**os.environ, **worker_env(True)}, "/"
+            cmd = bwrap_command(["-m", "arc25_fast.sandbox", json.dumps(setup)], self.limits.scratch_bytes)
+            cwd = "/"
         else:
             scratch = tempfile.mkdtemp(prefix="arc25-sandbox-")
             setup["scratch"] = scratch
             cmd = [sys.executable, "-m", "arc25_fast.sandbox", json.dumps(setup)]
-            env = worker_env(False) if self.layers.clean_env else {**os.environ, **worker_env(False)}
             cwd = scratch
+        env = worker_env(self.layers.namespaces)  # bubblewrap passes its own environment on: the worker's
+        if not self.layers.clean_env:
+            env = {**os.environ, **env}
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=env, cwd=cwd, start_new_session=True)
         return _Worker(proc, scratch)
@@ -532,7 +537,7 @@ class SandboxPool:
                           "limits": asdict(self.limits), "nonce": nonce}).encode()
         worker = self._free.get()
         start = time.perf_counter()
-        deadline = time.monotonic() + self.limits.call_seconds * max(len(inputs), 1) + 2.0 + REPLY_MARGIN
+        deadline = time.monotonic() + self.limits.program_seconds(len(inputs)) + REPLY_MARGIN
         try:
             _write_all(worker.proc.stdin.fileno(), struct.pack("<I", len(job)) + job, deadline)
             reply = worker.read_message(deadline, 2 * MAX_REPORT_BYTES)

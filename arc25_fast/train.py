@@ -205,8 +205,8 @@ def _train(cfg: TrainConfig) -> list[dict]:
             progress.close()
             set_progress_bar(None)
 
+    finite = weights_finite(packed)
     if stop == "preempted":
-        finite = weights_finite(packed)
         if saved_step != step and finite:
             save_checkpoint(engine, model, tokenizer, output_dir, step, rank, {"step": step}, position.state(),
                             payload, cfg.keep_checkpoints)
@@ -216,21 +216,17 @@ def _train(cfg: TrainConfig) -> list[dict]:
         raise RunStopped(f"stopped by {signal_name} after step {step}: "
                          + (f"checkpoint step-{saved_step:06d} written; continue with --resume" if saved_step is not None
                             else "no checkpoint (the weights are not finite)"), EXIT_PREEMPTED)
-    if stop == "non-finite":
-        write_rank_summary(output_dir, rank, packed, position.consumed, "non-finite", step)
-        logger.close()
-        why = "" if weights_finite(packed) else " The weights themselves are not finite (a damaged checkpoint?)."
-        newest = f"checkpoint step-{saved_step:06d} is the last good one" if saved_step is not None else "no checkpoint"
-        raise RunStopped(f"stopped at step {step}: {bad.in_a_row} steps in a row had a non-finite loss or gradient "
-                         f"norm (last: loss {stats['loss']:.4g}, grad norm {stats['grad_norm']:.4g}); nothing saved, "
-                         f"{newest}.{why} Lower --lr or check the data.", EXIT_NON_FINITE)
-
-    if not weights_finite(packed):  # e.g. resumed from a damaged checkpoint with fewer steps left than it takes
-        write_rank_summary(output_dir, rank, packed, position.consumed, "non-finite", step)
+    if stop == "non-finite" or not finite:  # not finite alone: e.g. resumed from a damaged checkpoint with fewer
+        write_rank_summary(output_dir, rank, packed, position.consumed, "non-finite", step)  # steps left than it takes
         logger.close()
         newest = f"checkpoint step-{saved_step:06d} is the last good one" if saved_step is not None else "no checkpoint"
-        raise RunStopped(f"stopped at step {step}: the weights are not finite (a damaged checkpoint or a diverged "
-                         f"step); nothing published, {newest}. Lower --lr or check the data.", EXIT_NON_FINITE)
+        if stop == "non-finite":
+            why = "" if finite else " The weights themselves are not finite (a damaged checkpoint?)."
+            cause = (f"{bad.in_a_row} steps in a row had a non-finite loss or gradient norm (last: loss "
+                     f"{stats['loss']:.4g}, grad norm {stats['grad_norm']:.4g}); nothing saved, {newest}.{why}")
+        else:
+            cause = f"the weights are not finite (a damaged checkpoint or a diverged step); nothing published, {newest}."
+        raise RunStopped(f"stopped at step {step}: {cause} Lower --lr or check the data.", EXIT_NON_FINITE)
     write_rank_summary(output_dir, rank, packed, position.consumed, "done", step)
     if rank == 0:
         final = output_dir / ("adapter" if hasattr(model, "peft_config") else "model")
