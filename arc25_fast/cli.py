@@ -12,9 +12,11 @@ import click
 
 from .config import (
     EVAL_DATA_OPTIONS,
+    SEARCH_EXCLUDED,
     TTT_EXCLUDED,
     DataConfig,
     EvalConfig,
+    SearchConfig,
     TrainConfig,
     TTTConfig,
     field_default,
@@ -111,6 +113,17 @@ def ttt(config_file, **values):
     """Test-time training: an adapter per task (or --shared) from each task's demo pairs, leave-one-out."""
     cfg = resolve(TTTConfig, config_file, given(values))
     from .ttt import ttt as run
+
+    run(cfg)
+
+
+@main.command("search-and-learn")
+@config_options(SearchConfig, DataConfig, exclude=SEARCH_EXCLUDED)
+def search_and_learn(config_file, **values):
+    """Per task: sample programs, run them in the sandbox, fine-tune on what they really did (hindsight), sample
+    again; one resident process per rank, tasks from a shared queue; the evaluate ranking over all rounds."""
+    cfg = resolve(SearchConfig, config_file, given(values))
+    from .search_and_learn import search_and_learn as run
 
     run(cfg)
 

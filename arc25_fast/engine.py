@@ -65,6 +65,19 @@ def init_distributed(device_type: str, timeout_s: float = 900.0, private: bool =
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def init_private(timeout_s: float) -> tuple[int, int, torch.device]:
+    """For commands whose ranks work apart (``ttt``, ``search-and-learn``): this rank and the launcher's world size,
+    a process group of this process alone, and its device."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    init_distributed(device_type, timeout_s, private=True)
+    if device_type == "cpu":
+        return rank, world, torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    return rank, world, device
+
+
 def apply_collective_timeout(timeout_s: float) -> None:
     """Give every process group this run's collective timeout: DeepSpeed creates its own groups (e.g. ZeRO's
     gradient reduction) with torch's defaults (30 minutes on gloo), which would outlast a stalled peer."""

@@ -15,7 +15,6 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .config import ConfigError, EvalConfig, save_run_config
@@ -24,10 +23,10 @@ from .generation import HFGenerator, ReplayGenerator, Sampling, VllmGenerator, v
 from .isolation import parse_layers
 from .logs import note, set_progress_bar, setup_logging
 from .model import ModelError, is_random_init, resolve_dtype
-from .pipeline import build_encoder, verify_encoder
+from .pipeline import build_encoder, synthetic_config, verify_encoder
 from .preflight import check_output_dir
 from .sandbox import Limits, SandboxPool
-from .scoring import submission_entry
+from .scoring import write_submission
 from .solving import SCORES, adapter_digest, aggregate, checked_her, code_prompt, end_of_turn_ids, output_prompts, solve_task
 from .sources import ArcSource, Augmentation, Mix, load_tasks
 from .tasks import Task
@@ -149,19 +148,6 @@ def read_rows(out: Path, pattern: str = "predictions*.jsonl") -> dict[str, dict]
     return rows
 
 
-def write_submission(out: Path, tasks: list[Task], rows: dict[str, dict]) -> None:
-    """Kaggle's submission.json for every task (``scoring.FALLBACK`` where a task has no row yet), written whole and
-    then renamed: never a half-written file. ``rows`` need only ``attempts``."""
-    submission = {}
-    for task in sorted(tasks, key=lambda t: t.task_id):
-        attempts = rows[task.task_id]["attempts"] if task.task_id in rows else []
-        submission[task.task_id] = submission_entry(task, [[np.array(a, dtype=np.uint8) for a in per_test]
-                                                           for per_test in attempts])
-    tmp = out / f".submission.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(submission))
-    os.replace(tmp, out / "submission.json")
-
-
 def summarise(out: Path, tasks: list[Task], extra: dict | None = None) -> dict:
     """``evaluate_summary.json`` and ``submission.json`` from every rank's predictions (under a lock)."""
     with open(out / ".evaluate.lock", "w") as lock:
@@ -222,7 +208,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.replay and not Path(cfg.replay).is_file():
         raise ConfigError(f"--replay {cfg.replay}: no such file")
     base, adapter = resolve_models(cfg) if not cfg.replay else (None, None)
-    all_tasks, report = load_tasks(cfg.tasks, cfg.data.skip_invalid)
+    all_tasks, report = load_tasks(cfg.tasks, cfg.data.skip_invalid, synthetic=synthetic_config(cfg.data))
     all_tasks = [t for t in all_tasks if t.test]
     if not all_tasks:
         raise ConfigError(f"--tasks {cfg.tasks}: no task has a test input")

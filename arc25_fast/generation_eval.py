@@ -6,6 +6,7 @@ import torch
 from .config import EvalConfig
 from .generation import HFGenerator, Sampling
 from .logs import note
+from .pipeline import synthetic_config
 from .sandbox import SandboxPool
 from .solving import COUNTS, SCORES, end_of_turn_ids, solve_task
 from .sources import load_tasks
@@ -26,7 +27,7 @@ class GenerationEval:
             kind = "code" if any(s.kind == CODE for s in mix.sources) else "output"
         self.cfg = EvalConfig(data=cfg.data, tasks=cfg.eval_tasks, prompt_kind=kind, samples=cfg.eval_samples,
                               max_new_tokens=cfg.eval_max_new_tokens)
-        tasks, _ = load_tasks(cfg.eval_tasks, cfg.data.skip_invalid)
+        tasks, _ = load_tasks(cfg.eval_tasks, cfg.data.skip_invalid, synthetic=synthetic_config(cfg.data))
         self.tasks = [t for t in tasks if t.test][:cfg.eval_max_tasks][rank::world]
         self.encoder, self.rank = encoder, rank
         self.sampling = Sampling(cfg.eval_samples, 1.0, 0.95, cfg.eval_max_new_tokens, 8, cfg.data.seed)

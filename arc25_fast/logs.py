@@ -3,6 +3,7 @@
 Transformers, DeepSpeed, PEFT and Python warnings are routed to ``<output_dir>/<name>.log`` (and to the console
 too with ``--verbose``); their own progress bars are turned off so that the run's bar is the only one.
 """
+import contextlib
 import logging
 import os
 import sys
@@ -86,6 +87,23 @@ def _quiet_libraries() -> None:
 def set_progress_bar(bar) -> None:
     global _bar
     _bar = bar
+
+
+@contextlib.contextmanager
+def task_progress(name: str, total: int, initial: int, rank: int, world: int):
+    """Rank 0's progress bar over tasks (None on the other ranks), with notes printed above it while it lasts."""
+    if rank != 0:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=initial, unit="task", desc=f"{name} (rank 0 of {world})" if world > 1 else name)
+    set_progress_bar(bar)
+    try:
+        yield bar
+    finally:
+        bar.close()
+        set_progress_bar(None)
 
 
 def note(message: str, rank: int = 0) -> None:

@@ -32,7 +32,7 @@ def build_mix(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | None = None)
     """The weighted task mix; invalid tasks stop here (or are counted with ``--skip-invalid``)."""
     aug = Augmentation(cfg.dihedral, cfg.color_permutation, cfg.keep_background, cfg.shuffle_examples,
                        cfg.train_as_test)
-    synthetic = SyntheticConfig(max_calls=cfg.synthetic_max_calls, max_inputs=cfg.synthetic_max_inputs)
+    synthetic = synthetic_config(cfg)
     mix = load_mix(cfg.task_sources, aug, synthetic, cfg.skip_invalid,
                    special_texts(tokenizer) if tokenizer is not None else ())
     for report in mix.reports:
@@ -45,6 +45,15 @@ def build_mix(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | None = None)
             raise ConfigError(f"--train-on {cfg.train_on} applies to output-from-examples tasks only; task source "
                               f"{code[0]} gives code-from-examples tasks (use --train-on answer)")
     return mix
+
+
+def synthetic_config(cfg: DataConfig) -> SyntheticConfig:
+    if cfg.synthetic_min_side > cfg.synthetic_max_side:
+        raise ConfigError(f"--synthetic-min-side {cfg.synthetic_min_side} is more than --synthetic-max-side "
+                          f"{cfg.synthetic_max_side}")
+    return SyntheticConfig(max_calls=cfg.synthetic_max_calls, max_inputs=cfg.synthetic_max_inputs,
+                           min_side=cfg.synthetic_min_side, max_side=cfg.synthetic_max_side,
+                           noise=cfg.synthetic_noise, background=cfg.synthetic_background)
 
 
 def build_encoder(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> Encoder:

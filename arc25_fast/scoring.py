@@ -12,10 +12,13 @@ Code-from-examples: a program is *train-correct* when it reproduces every demo o
 parsed grid is a candidate (it has no demo pairs to check); with voting, predictions made under augmentations are
 mapped back first. Malformed text is a parse error, never a crash.
 """
+import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -181,3 +184,17 @@ def her_line(task: Task, code: str, outputs: list[np.ndarray]) -> dict:
     inputs = [i for i, _ in task.train] + [i for i, _ in task.test]
     return {"inputs": [g.tolist() for g in inputs], "outputs": [o.tolist() for o in outputs], "code": code,
             "task_id": task.task_id}
+
+
+def write_submission(out: Path, tasks: list[Task], rows: dict[str, dict]) -> None:
+    """Kaggle's submission.json for every task (``scoring.FALLBACK`` where a task has no row yet), written whole and
+    then renamed: never a half-written file. ``rows`` need only ``attempts`` (per test input, ranked grids as
+    lists)."""
+    submission = {}
+    for task in sorted(tasks, key=lambda t: t.task_id):
+        attempts = rows[task.task_id]["attempts"] if task.task_id in rows else []
+        submission[task.task_id] = submission_entry(task, [[np.array(a, dtype=np.uint8) for a in per_test]
+                                                           for per_test in attempts])
+    tmp = out / f".submission.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(submission))
+    os.replace(tmp, out / "submission.json")

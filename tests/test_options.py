@@ -50,6 +50,10 @@ BAD_OPTIONS = [
     (["--train-on", "all-outputs"], "--train-on all-outputs applies to output-from-examples tasks only"),
     (["--lora-targets", "q_proj,nonexistent_proj"], "has no module named nonexistent_proj"),
     (["--adapter", "/nonexistent/adapter"], "--adapter /nonexistent/adapter: no adapter_config.json"),
+    (["--task-source", "synthetic", "--synthetic-min-side", "8", "--synthetic-max-side", "5"],
+     "--synthetic-min-side 8 is more than --synthetic-max-side 5"),
+    (["--synthetic-background", "10"], "--synthetic-background: must be at most 9, got 10"),
+    (["--eval-tasks", "synthetic:x", "--eval-tasks-every", "5"], "use synthetic:COUNT[:SEED]"),
 ]
 
 

@@ -115,7 +115,8 @@ def test_bad_ttt_input_is_one_line(tmp_path, ttt_run, busy_core):
     no_demos = tmp_path / "z_challenges.json"
     no_demos.write_text(json.dumps({"t1": {"train": [], "test": [{"input": [[1]]}]}}))
     cases = [(ttt_args(no_demos, tmp_path / "a"), "t1: task has no train pairs"),
-             (["ttt", "--tasks", "synthetic", "--output-dir", str(tmp_path / "b")], "use an ARC task source"),
+             (["ttt", "--tasks", "her:x.jsonl", "--output-dir", str(tmp_path / "b")], "use an ARC task source"),
+             (["ttt", "--tasks", "synthetic", "--output-dir", str(tmp_path / "b")], "use synthetic:COUNT[:SEED]"),
              (ttt_args(tasks, tmp_path / "c", "--adapter", str(tmp_path)), "no adapter_config.json"),
              (ttt_args(tasks, root / "out"), "holds another run")]
     for args, message in cases:
