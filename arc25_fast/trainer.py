@@ -152,13 +152,16 @@ def reset(engine, packed: nn.Module, weights: dict[str, torch.Tensor] | None) ->
 def fine_tune(cfg: TrainConfig, engine, mix, encoder, stream: int, steps: int, device: torch.device,
               stop_requested=lambda: False) -> dict:
     """``steps`` optimizer steps on packed samples drawn from ``mix`` (stream ``stream`` of ``cfg.data.seed``, so
-    the samples depend on nothing that ran before), the learning-rate schedule spread over ``steps``.
+    the samples depend on nothing that ran before), the learning-rate schedule spread over ``steps``. The packing
+    buffer is capped at 8 samples per micro-batch the phase takes (at least 64): a phase of a few steps does not
+    encode a training run's ``--pack-buffer`` of samples first.
 
     Returns the losses, counts, ``data_seconds`` (waiting for packed batches) and a status: done, stopped (a signal:
     the step finished, nothing saved), too-long (no sample fits ``--max-tokens``) or non-finite (``--max-bad-steps``
     non-finite steps in a row)."""
     schedule = replace(cfg, max_steps=steps)
-    batches = iter(PackedStream(mix, encoder, packing_config(cfg.data), cfg.data.seed, rank=0, stream=stream))
+    data = replace(cfg.data, pack_buffer=min(cfg.data.pack_buffer, max(64, 8 * steps * cfg.grad_accum)))
+    batches = iter(PackedStream(mix, encoder, packing_config(data), cfg.data.seed, rank=0, stream=stream))
     bad = NonFiniteSteps(cfg.max_bad_steps)
     losses, tokens, samples, status, error, data_seconds = [], 0, 0, "done", None, 0.0
     for step in range(steps):
