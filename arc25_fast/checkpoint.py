@@ -90,6 +90,15 @@ def save_hf(model: torch.nn.Module, tokenizer, directory: Path) -> None:
     tokenizer.save_pretrained(str(directory))
 
 
+def save_hf_replacing(model: torch.nn.Module, tokenizer, directory: Path) -> None:
+    """``save_hf`` into ``directory.tmp``, then that in place of ``directory``: never a half-written adapter."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    save_hf(model, tokenizer, tmp)
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+
+
 def save_checkpoint(engine, model: torch.nn.Module, tokenizer, output_dir: Path, step: int, rank: int,
                     trainer_state: dict, data_state: dict, config_payload: dict, keep: int) -> Path:
     """Every rank writes its part into ``step-N.tmp``; rank 0 seals it with the marker, renames it, prunes old ones."""

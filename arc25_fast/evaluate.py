@@ -21,7 +21,7 @@ from .config import ConfigError, EvalConfig, save_run_config
 from .encoding import special_texts
 from .generation import HFGenerator, ReplayGenerator, Sampling, VllmGenerator, vllm_available
 from .isolation import parse_layers
-from .logs import note, set_progress_bar, setup_logging
+from .logs import note, setup_logging, task_progress
 from .model import ModelError, is_random_init, resolve_dtype
 from .pipeline import build_encoder, synthetic_config, verify_encoder
 from .preflight import check_output_dir
@@ -261,42 +261,34 @@ def _evaluate(cfg: EvalConfig, all_tasks: list[Task], tasks: list[Task], base: s
     mine = [t for t in tasks[rank::world] if t.task_id not in done]
     specials = special_texts(tokenizer)
     stats = {"sandbox_seconds": 0.0, "her_lines": 0, "her_left_out": Counter()}
-    progress = None
-    if rank == 0:
-        from tqdm import tqdm
-
-        progress = tqdm(total=len(mine), desc="evaluate", unit="task")
-        set_progress_bar(progress)
     try:
-        for task in mine:
-            task_adapter = adapter
-            if cfg.ttt_dir:
-                path = Path(cfg.ttt_dir) / task.task_id / "adapter"
-                task_adapter = str(path) if path.is_dir() else None
-                if task_adapter is None:
-                    note(f"task {task.task_id}: no TTT adapter in {cfg.ttt_dir}; using the base model", rank)
-            row, her = solve_or_fail(cfg, task, encoder, generator, sampling, pool, task_adapter, rank)
-            stats["sandbox_seconds"] += row.pop("sandbox_seconds", 0.0)
-            with open(attempts, "a") as f:  # first: a task recorded in predictions always has its attempts
-                f.write(json.dumps({"task_id": row["task_id"], "attempts": row["attempts"]}) + "\n")
-            with open(predictions, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            lines, left_out = checked_her(her, specials)
-            stats["her_left_out"].update(left_out)
-            if cfg.her_out and lines:
-                with open(cfg.her_out, "a") as f:
-                    fcntl.flock(f, fcntl.LOCK_EX)
-                    f.write("".join(json.dumps(h) + "\n" for h in lines))
-                stats["her_lines"] += len(lines)
-            with open(out / ".evaluate.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                write_submission(out, all_tasks, read_rows(out, "attempts_rank*.jsonl"))
-            if progress is not None:
-                progress.update(1)
+        with task_progress("evaluate", len(mine), 0, rank, world) as progress:
+            for task in mine:
+                task_adapter = adapter
+                if cfg.ttt_dir:
+                    path = Path(cfg.ttt_dir) / task.task_id / "adapter"
+                    task_adapter = str(path) if path.is_dir() else None
+                    if task_adapter is None:
+                        note(f"task {task.task_id}: no TTT adapter in {cfg.ttt_dir}; using the base model", rank)
+                row, her = solve_or_fail(cfg, task, encoder, generator, sampling, pool, task_adapter, rank)
+                stats["sandbox_seconds"] += row.pop("sandbox_seconds", 0.0)
+                with open(attempts, "a") as f:  # first: a task recorded in predictions always has its attempts
+                    f.write(json.dumps({"task_id": row["task_id"], "attempts": row["attempts"]}) + "\n")
+                with open(predictions, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                lines, left_out = checked_her(her, specials)
+                stats["her_left_out"].update(left_out)
+                if cfg.her_out and lines:
+                    with open(cfg.her_out, "a") as f:
+                        fcntl.flock(f, fcntl.LOCK_EX)
+                        f.write("".join(json.dumps(h) + "\n" for h in lines))
+                    stats["her_lines"] += len(lines)
+                with open(out / ".evaluate.lock", "w") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    write_submission(out, all_tasks, read_rows(out, "attempts_rank*.jsonl"))
+                if progress is not None:
+                    progress.update(1)
     finally:
-        if progress is not None:
-            progress.close()
-            set_progress_bar(None)
         (out / f"timing_rank{rank}.json").write_text(json.dumps(
             {"seconds": time.perf_counter() - started, "tokens": generator.tokens,
              "generation_seconds": generator.seconds, **stats}))

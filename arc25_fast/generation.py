@@ -24,6 +24,21 @@ class Generated:
     logprob: float | None = None  # the completion's log-probability (depth-first search)
 
 
+@contextlib.contextmanager
+def sampling_mode(packed):
+    """The model being trained (a ``PackedCausalLM``) ready to sample from in place: SDPA attention (the packed
+    kernels need a pack's boundaries) and eval mode, both restored afterwards."""
+    lm = packed.causal_lm
+    key, was_training = lm.config._attn_implementation, packed.training
+    lm.set_attn_implementation("sdpa")
+    packed.eval()
+    try:
+        yield
+    finally:
+        lm.set_attn_implementation(key)
+        packed.train(was_training)
+
+
 class HFGenerator:
     """Sampling on a Hugging Face model: shared-prefix decoding (``decoding.sample``: each prompt prefilled once, no
     padded prefill), or ``model.generate`` on left-padded batches for models whose caches it cannot build.

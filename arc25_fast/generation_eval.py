@@ -4,7 +4,7 @@ import os
 import torch
 
 from .config import EvalConfig
-from .generation import HFGenerator, Sampling
+from .generation import HFGenerator, Sampling, sampling_mode
 from .logs import note
 from .pipeline import synthetic_config
 from .sandbox import SandboxPool
@@ -41,18 +41,13 @@ class GenerationEval:
         from .checkpoint import rng_state, set_rng_state
         from .engine import all_reduce
 
-        lm = packed.causal_lm
-        key = lm.config._attn_implementation
-        was_training, rng = packed.training, rng_state()  # sampling must not shift training's random streams
-        lm.set_attn_implementation("sdpa")
-        packed.eval()
+        rng = rng_state()  # sampling must not shift training's random streams
         try:
-            generator = HFGenerator(packed.model, self.encoder.tokenizer, self.stop_ids, device, adapters=False)
-            rows = [solve_task(self.cfg, t, self.encoder, generator, self.sampling, self.pool, None)[0]
-                    for t in self.tasks]
+            with sampling_mode(packed):
+                generator = HFGenerator(packed.model, self.encoder.tokenizer, self.stop_ids, device, adapters=False)
+                rows = [solve_task(self.cfg, t, self.encoder, generator, self.sampling, self.pool, None)[0]
+                        for t in self.tasks]
         finally:
-            lm.set_attn_implementation(key)
-            packed.train(was_training)
             set_rng_state(rng)
         scored = [r for r in rows if "pass@1" in r]
         local = [len(scored), *[sum(r[k] for r in scored) for k in SCORES], *[sum(r[k] for r in rows) for k in COUNTS],

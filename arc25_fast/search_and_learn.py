@@ -17,8 +17,8 @@ The answers are the evaluate ranking over every round's programs. Each finished 
 ``<task_id>/rounds.jsonl`` (its programs' answers, its hindsight tasks, its statistics) after the weights it ends
 with are saved, so ``--resume`` after ``kill -9`` continues at the first unfinished round with exactly those
 weights, and a seeded run gives the same answers whether or not it was stopped. ``<task_id>/task.json`` marks a
-finished task. ``search_summary.json``, ``submission.json`` and ``hindsight.jsonl`` are rebuilt from the finished
-tasks after each one.
+finished task. ``search_summary.json`` and ``submission.json`` are rebuilt from the finished tasks after each one,
+``hindsight.jsonl`` (every task's own ``<task_id>/hindsight.jsonl``) at the end of the run.
 
 Programs only: output-grid prompts are not searched (``evaluate --prompt-kind output`` samples grids; ``ttt``
 trains on demo pairs).
@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -36,12 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import save_hf
+from .checkpoint import save_hf_replacing
 from .config import ConfigError, EvalConfig, SearchConfig, save_run_config
 from .encoding import special_texts
 from .engine import build_engine, init_private
 from .faults import EXIT_PREEMPTED, RunStopped, StopSignals
-from .generation import HFGenerator, Sampling
+from .generation import HFGenerator, Sampling, sampling_mode
 from .isolation import parse_layers
 from .logs import note, setup_logging, task_progress
 from .metrics import MetricsLogger
@@ -49,21 +48,16 @@ from .pipeline import build_encoder, synthetic_config, verify_encoder
 from .preflight import check_model, check_output_dir
 from .sandbox import Limits, SandboxPool
 from .scoring import Candidate, score_task, write_submission
-from .solving import checked_her, code_prompt, end_of_turn_ids, run_programs
+from .solving import SCORES, checked_her, code_prompt, end_of_turn_ids, run_programs
 from .sources import ArcSource, Augmentation, HerSource, LeaveOneOutSource, Mix, load_tasks
 from .task_queue import TaskQueue, wait_for_rank_zero
 from .tasks import CodeTask, Task
 from .threads import set_threads
 from .tokenizer import load_tokenizer
-from .trainer import build_model, fine_tune, reset, snapshot
+from .trainer import build_model, fine_tune, reset, snapshot, stream_id
 
 TASK_FILE, ROUNDS_FILE = "task.json", "rounds.jsonl"
 PHASES = ("sampling", "execution", "learning", "overhead")
-
-
-def stream_id(task_id: str, phase: str) -> int:
-    """A random stream of the task's and phase's own (``ttt``, ``round1``, ...): no dependence on what ran before."""
-    return int(hashlib.sha1(f"{task_id}/{phase}".encode()).hexdigest()[:7], 16)
 
 
 def pixel_accuracy(outputs: list[np.ndarray], task: Task) -> float:
@@ -129,17 +123,10 @@ class Searcher:
     def sample(self, task: Task, round_: int) -> list:
         """``--samples`` programs from the model as it is now (SDPA attention and eval mode meanwhile)."""
         cfg = self.cfg
-        lm = self.packed.causal_lm
-        key = lm.config._attn_implementation
-        lm.set_attn_implementation("sdpa")
-        self.packed.eval()
-        try:
-            sampling = Sampling(cfg.samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size,
-                                cfg.data.seed + 1_000_003 * round_)
+        sampling = Sampling(cfg.samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size,
+                            cfg.data.seed + 1_000_003 * round_)
+        with sampling_mode(self.packed):
             return self.generator.generate([code_prompt(self.eval_cfg, task, self.encoder)], sampling)[0]
-        finally:
-            lm.set_attn_implementation(key)
-            self.packed.train()
 
     def learn(self, mix: Mix, task_id: str, phase: str, steps: int) -> dict:
         torch.manual_seed(stream_id(task_id, phase))  # e.g. LoRA dropout: the same on a resumed run
@@ -279,11 +266,7 @@ class Searcher:
         adapter = None
         if last and hasattr(self.model, "peft_config"):  # the task's final adapter, for evaluate --ttt-dir
             adapter = task_dir / "adapter"
-            tmp = task_dir / "adapter.tmp"
-            save_hf(self.model, self.tokenizer, tmp)
-            if adapter.exists():
-                shutil.rmtree(adapter)
-            tmp.rename(adapter)
+            save_hf_replacing(self.model, self.tokenizer, adapter)
         with open(task_dir / "hindsight.jsonl", "w") as f:
             f.write("".join(json.dumps({k: e[k] for k in ("inputs", "outputs", "code", "task_id")}) + "\n"
                             for e in entries))
@@ -296,7 +279,7 @@ class Searcher:
                 "train_correct": scores["train_correct"], "solved_train": bool(scores["train_correct"]),
                 "distinct_outputs": len(entries), "attempts": [[a.tolist() for a in t] for t in scores["attempts"]],
                 "adapter": str(adapter) if adapter else None,
-                **{k: scores[k] for k in ("pass@1", "pass@2", "pass@all", "arc_score") if k in scores}}
+                **{k: scores[k] for k in SCORES if k in scores}}
         tmp = task_dir / f".{TASK_FILE}.tmp"
         tmp.write_text(json.dumps(info, indent=1))
         os.replace(tmp, task_dir / TASK_FILE)
@@ -311,15 +294,16 @@ def failed(task: Task, task_dir: Path, error: BaseException) -> dict:
             "rounds": [], "attempts": [], "train_correct": 0, "solved_train": False, "distinct_outputs": 0,
             "phases": dict.fromkeys(PHASES, 0.0)}
     if all(o is not None for _, o in task.test):
-        info.update({k: 0.0 for k in ("pass@1", "pass@2", "pass@all", "arc_score")})
+        info.update(dict.fromkeys(SCORES, 0.0))
     task_dir.mkdir(parents=True, exist_ok=True)
     (task_dir / TASK_FILE).write_text(json.dumps(info, indent=1))
     return info
 
 
-def summarise(out: Path, tasks: list[Task], cfg: SearchConfig, extra: dict) -> dict:
-    """``search_summary.json``, ``submission.json`` and ``hindsight.jsonl`` from every finished task (under a lock:
-    ranks finish in any order)."""
+def summarise(out: Path, tasks: list[Task], cfg: SearchConfig, extra: dict, hindsight: bool = False) -> dict:
+    """``search_summary.json`` and ``submission.json`` (and with ``hindsight``, at the end of a rank's run,
+    ``hindsight.jsonl``: it grows with every task, so it is not rebuilt after each one) from every finished task,
+    under a lock: ranks finish in any order."""
     with open(out / ".search.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         infos = {}
@@ -328,11 +312,12 @@ def summarise(out: Path, tasks: list[Task], cfg: SearchConfig, extra: dict) -> d
             if path.exists():
                 infos[task.task_id] = json.loads(path.read_text())
         write_submission(out, tasks, infos)
-        with open(out / ".hindsight.jsonl.tmp", "w") as f:
-            for task_id, info in infos.items():
-                if info["status"] == "done":
-                    f.write((out / task_id / "hindsight.jsonl").read_text())
-        os.replace(out / ".hindsight.jsonl.tmp", out / "hindsight.jsonl")
+        if hindsight:
+            with open(out / ".hindsight.jsonl.tmp", "w") as f:
+                for task_id, info in infos.items():
+                    if info["status"] == "done":
+                        f.write((out / task_id / "hindsight.jsonl").read_text())
+            os.replace(out / ".hindsight.jsonl.tmp", out / "hindsight.jsonl")
         per_round = []
         for r in range(1, cfg.rounds + 1):
             rows = [next(x for x in i["rounds"] if x["round"] == r) for i in infos.values() if i["status"] == "done"]
@@ -355,7 +340,7 @@ def summarise(out: Path, tasks: list[Task], cfg: SearchConfig, extra: dict) -> d
                    "rounds": cfg.rounds, "samples_per_round": cfg.samples,
                    "solved_train": sum(i["solved_train"] for i in infos.values()),
                    **{k: float(np.mean([i[k] for i in scored])) if scored else None
-                      for k in ("pass@1", "pass@2", "pass@all", "arc_score")},
+                      for k in SCORES},
                    "solved": sorted(t for t, i in infos.items() if i.get("pass@2")),
                    "seconds": phases, "overhead_fraction": phases["overhead"] / total if total else None,
                    "per_round": per_round, "hindsight_lines": sum(i["distinct_outputs"] for i in infos.values()),
@@ -411,7 +396,7 @@ def search_and_learn(cfg: SearchConfig) -> dict:
             run_tasks(cfg, searcher, tasks, out, rank, world, extra)
     finally:
         pool.close()
-    summary = summarise(out, tasks, cfg, {**extra, "setup_seconds": setup_seconds})
+    summary = summarise(out, tasks, cfg, {**extra, "setup_seconds": setup_seconds}, hindsight=True)
     rounds = "; ".join(f"round {r['round']}: pass@2 {r['pass@2']:.3f}, train-correct {r['solved_train']}"
                        for r in summary["per_round"] if r["pass@2"] is not None)
     note(f"search-and-learn done: {summary['tasks_done']} of {len(tasks)} tasks; {rounds or 'no known test outputs'}; "

@@ -1,6 +1,7 @@
 """What every command that trains shares (``train``, ``ttt``, profiling, ``search-and-learn``): the model with its
 adapter and packed loss, the learning-rate schedule and one optimizer step whose loss is the mean over the global
 batch's labels. See ``train`` for why the loss is normalised as it is."""
+import hashlib
 import math
 import time
 from dataclasses import replace
@@ -129,6 +130,11 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, output_
 
 def weights_finite(packed: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in packed.parameters() if p.requires_grad)
+
+
+def stream_id(*keys: str) -> int:
+    """A data stream of these keys' own (a task, a task's round): its samples do not depend on what ran before."""
+    return int(hashlib.sha1("/".join(keys).encode()).hexdigest()[:7], 16)
 
 
 def snapshot(packed: nn.Module) -> dict[str, torch.Tensor]:

@@ -8,15 +8,13 @@ the next unclaimed task from the run's shared queue (``task_queue``); a task is 
 exists (written after its adapter), so ``--resume`` continues with the unfinished ones.
 """
 import fcntl
-import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from .checkpoint import save_hf
+from .checkpoint import save_hf_replacing
 from .config import ConfigError, TTTConfig, save_run_config
 from .engine import build_engine, init_private
 from .faults import EXIT_PREEMPTED, RunStopped, StopSignals
@@ -27,14 +25,9 @@ from .sources import Augmentation, LeaveOneOutSource, Mix, load_tasks
 from .task_queue import TaskQueue, wait_for_rank_zero
 from .threads import set_threads
 from .tokenizer import load_tokenizer
-from .trainer import build_model, fine_tune, reset, snapshot
+from .trainer import build_model, fine_tune, reset, snapshot, stream_id
 
 TASK_FILE = "task.json"
-
-
-def task_stream_id(task_id: str) -> int:
-    """A stream id of the task's own, so its samples do not depend on which tasks ran before it."""
-    return int(hashlib.sha1(task_id.encode()).hexdigest()[:7], 16)
 
 
 def merge_summaries(out: Path) -> dict:
@@ -119,7 +112,7 @@ def train_task(cfg: TTTConfig, engine, packed, model, tokenizer, encoder, start,
     t0 = time.perf_counter()
     reset(engine, packed, start)
     source = LeaveOneOutSource(f"ttt:{name}", group, aug)
-    trained = fine_tune(cfg, engine, Mix([source], [1.0]), encoder, task_stream_id(name), cfg.max_steps, device,
+    trained = fine_tune(cfg, engine, Mix([source], [1.0]), encoder, stream_id(name), cfg.max_steps, device,
                         stop_requested=lambda: signals.requested)
     status = trained.pop("status")
     if status == "stopped":
@@ -127,11 +120,7 @@ def train_task(cfg: TTTConfig, engine, packed, model, tokenizer, encoder, start,
     task_dir = Path(cfg.output_dir) / name
     final = task_dir / ("adapter" if hasattr(model, "peft_config") else "model")
     if status == "done":
-        tmp = final.with_name(final.name + ".tmp")
-        save_hf(model, tokenizer, tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        save_hf_replacing(model, tokenizer, final)
     else:  # e.g. every leave-one-out sample of this task is longer than --max-tokens
         note(f"task {name}: {trained['error']}; no adapter written")
     error = trained.pop("error")

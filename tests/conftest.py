@@ -2,10 +2,19 @@ from pathlib import Path
 
 import psutil
 import pytest
+from click.testing import CliRunner
 
+from arc25_fast.cli import main
 from arc25_fast.tokenizer import load_tokenizer
 
 QWEN2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "qwen2-tokenizer"
+
+
+def invoke(args: list[str]):
+    """``arc25-fast ARGS`` in this process; it must succeed (its output, and any exception, shown when not)."""
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    return result
 
 
 @pytest.fixture(scope="session")

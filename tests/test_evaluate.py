@@ -6,16 +6,11 @@ import math
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import invoke
 
 from arc25_fast.cli import main
 
 pytestmark = pytest.mark.slow
-
-
-def invoke(args):
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")

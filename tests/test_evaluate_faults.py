@@ -11,10 +11,9 @@ import time
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import invoke
 from transformers import AutoModelForCausalLM
 
-from arc25_fast.cli import main
 from arc25_fast.config import TrainConfig
 from arc25_fast.generation import HFGenerator
 from arc25_fast.model import add_adapter, load_base_model, sync_tied_head
@@ -23,12 +22,6 @@ from arc25_fast.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.slow
 TASK_IDS = ("task_a", "task_b", "task_c")
-
-
-def invoke(args):
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")

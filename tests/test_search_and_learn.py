@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from conftest import invoke
 
-from arc25_fast.cli import main
 from arc25_fast.search_and_learn import pixel_accuracy, select_hindsight
 from arc25_fast.sources import load_tasks
 from arc25_fast.synthetic import SyntheticConfig, run_code, synthetic_tasks
@@ -23,12 +22,6 @@ from arc25_fast.tasks import Task
 
 SMALL = ["--synthetic-max-calls", "1", "--synthetic-min-side", "3", "--synthetic-max-side", "6",
          "--synthetic-noise", "0"]
-
-
-def invoke(args: list[str]):
-    result = CliRunner().invoke(main, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def test_hindsight_keeps_the_best_and_the_worst():
