@@ -92,6 +92,10 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
     ds_config: str | None = option(None, "DeepSpeed config JSON, ZeRO stage 1 or 2 (default: ds_configs/zero2.json "
                                    "on GPU, ds_configs/cpu.json on CPU).")
+    engine: str = option("auto", "Optimizer engine: deepspeed, local (one process, plain PyTorch: fused AdamW on "
+                         "fp32 master weights, no host sync in a step; no DeepSpeed checkpoints), or auto (local for "
+                         "the commands that train one process in small steps, ttt and search-and-learn, without "
+                         "--ds-config; deepspeed otherwise).", choices=("auto", "deepspeed", "local"))
     grad_accum: int = option(1, "Micro-batches per optimizer step on each rank.", min=1)
     global_batch_tokens: int | None = option(None, "Token budget of one optimizer step over all ranks (sets "
                                              "--grad-accum).", min=1)

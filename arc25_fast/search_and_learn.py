@@ -381,7 +381,7 @@ def search_and_learn(cfg: SearchConfig) -> dict:
                        layers, cfg.unsafe_sandbox)
     try:
         model, packed, backend = build_model(cfg, len(tokenizer), device, out, rank)
-        engine, _ = build_engine(cfg, packed, device, cfg.grad_accum, world=1)
+        engine, _ = build_engine(cfg, packed, device, cfg.grad_accum, world=1, small_steps=True)
         extra = {"sandbox": pool.isolation, "world_size": world, "attention": backend,
                  "sampler": "shared-prefix sampling on the training model", "ranking":
                  "train-correct, demo pairs solved, votes, first sample (all rounds)"}

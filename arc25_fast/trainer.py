@@ -15,6 +15,7 @@ from .config import TrainConfig
 from .engine import all_reduce
 from .faults import NonFiniteSteps
 from .grids import DataError
+from .local_engine import LocalEngine
 from .kernels import attention
 from .model import PackedCausalLM, add_adapter, check_packed_model, is_random_init, load_base_model, resolve_dtype
 from .pipeline import packing_config
@@ -76,7 +77,7 @@ step's statistics, so all ranks agree to stop after this step.
         group["lr"] = lr
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    totals = torch.zeros(7, dtype=torch.float64, device=device)  # loss, 5 stats, stop flag
+    totals = torch.zeros(8, dtype=torch.float64, device=device)  # loss, 5 stats, stop flag, local grad norm
     normaliser = world / n_labels
     if timer is not None:
         timer.start()
@@ -96,8 +97,12 @@ step's statistics, so all ranks agree to stop after this step.
         if position is not None:
             position.advance(batch)
     totals[6] = float(stop_requested())
-    loss_sum, _, correct, answer_loss, answer_n, answer_correct, stop = all_reduce(totals, device, "the step's loss")
-    grad_norm = engine.get_global_grad_norm()
+    local = isinstance(engine, LocalEngine)
+    if local:  # read with the loss: the step's one host sync
+        totals[7] = engine.grad_norm
+    loss_sum, _, correct, answer_loss, answer_n, answer_correct, stop, norm = all_reduce(totals, device,
+                                                                                          "the step's loss")
+    grad_norm = norm if local else engine.get_global_grad_norm()
     return {"loss": loss_sum / n_labels, "accuracy": correct / n_labels, "answer_loss": answer_loss / max(answer_n, 1),
             "lr": lr, "grad_norm": float("nan") if grad_norm is None else float(grad_norm), "tokens": int(n_tokens),
             "samples": int(n_samples), "labels": int(n_labels), "padding_fraction": 1.0 - n_tokens / n_positions,
@@ -150,6 +155,9 @@ def reset(engine, packed: nn.Module, weights: dict[str, torch.Tensor] | None) ->
             for name, p in packed.named_parameters():
                 if name in weights:
                     p.copy_(weights[name])
+    if isinstance(engine, LocalEngine):
+        engine.reset()
+        return
     engine.optimizer.refresh_fp32_params()
     engine.optimizer.optimizer.state.clear()
     engine.zero_grad()

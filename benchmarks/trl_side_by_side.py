@@ -160,6 +160,7 @@ def run_ours(args) -> dict:
                       model=str(out / "base"), output_dir=str(out / "runs" / "arc25-fast"), overwrite=True,
                       lora_rank=LORA["r"], lora_alpha=LORA["lora_alpha"], lr=args.lr, warmup_steps=0,
                       lr_schedule="constant", grad_accum=1, num_workers=0, threads=args.threads, eval_every=0,
+                      engine=args.engine,
                       save_every=0, max_steps=max(2, math.ceil(sum(s["tokens"] for s in info["train"]) /
                                                               args.max_tokens)))
     records = train(cfg)
@@ -271,7 +272,9 @@ def main() -> None:
     ap.add_argument("--mode", default="all", choices=["all", "prepare", "ours", "trl"])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--packing", action="store_true")
-    ap.add_argument("--batch-sizes", default="1,4,8")
+    ap.add_argument("--batch-sizes", default="1,4,8", help="TRL padded runs ('' for none: packed TRL only)")
+    ap.add_argument("--engine", default="deepspeed", choices=["deepspeed", "local"], help="arc25-fast's engine")
+    ap.add_argument("--no-validation", action="store_true", help="skip the adapters' validation loss (CPU time)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--samples", type=int, default=48)
     ap.add_argument("--val-samples", type=int, default=24)
@@ -304,7 +307,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     child(args, "prepare", [])
-    configs = [("ours", [])] + [("trl", ["--batch", b]) for b in args.batch_sizes.split(",")] + \
+    configs = [("ours", [])] + [("trl", ["--batch", b]) for b in args.batch_sizes.split(",") if b] + \
         [("trl", ["--packing", "--batch", "1"])]
     runs: dict[str, list[dict]] = {}
     for r in range(args.rounds):
@@ -318,7 +321,7 @@ def main() -> None:
     for name, results in runs.items():
         summary[name] = {k: statistics.median(x[k] for x in results)
                          for k in ("samples_per_s", "tokens_per_s", "padding_share", "peak_memory_bytes", "samples")}
-        summary[name]["val_loss"] = validation_loss(args, results[-1]["adapter"])
+        summary[name]["val_loss"] = None if args.no_validation else validation_loss(args, results[-1]["adapter"])
         summary[name]["runs"] = results
     ours = summary["arc25-fast"]
     for name, s in summary.items():
@@ -336,9 +339,15 @@ def main() -> None:
 
 
 def versions() -> dict:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {p: version(p) for p in ("torch", "transformers", "trl", "peft", "arc25-fast")}
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "from the checkout"
+
+    return {p: installed(p) for p in ("torch", "transformers", "trl", "peft", "arc25-fast")}
 
 
 def table(report: dict) -> str:
@@ -346,7 +355,8 @@ def table(report: dict) -> str:
             "|---|---|---|---|---|---|---|"]
     for name, s in report["summary"].items():
         rows.append(f"| {name} | {s['samples_per_s']:.3f} | {s['tokens_per_s']:,.0f} | {s['padding_share']:.1%} | "
-                    f"{s['peak_memory_bytes'] / 2**20:,.0f} MiB | {s['val_loss']:.4f} | "
+                    f"{s['peak_memory_bytes'] / 2**20:,.0f} MiB | "
+                    f"{'-' if s['val_loss'] is None else format(s['val_loss'], '.4f')} | "
                     f"{s['ours_samples_per_s_ratio']:.2f}x |")
     loss = report["first_batch_loss"]
     return "\n".join(rows) + f"\n\nfirst-batch loss from the same weights: TRL {loss['trl']:.5f}, " \

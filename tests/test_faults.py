@@ -281,7 +281,8 @@ def test_a_stalled_peer_rank_is_caught_by_the_collective_timeout(tmp_path):
 
 
 def test_a_wedged_extension_lock_does_not_hang_a_cpu_run(tmp_path):
-    """The lock a killed first start used to leave for DeepSpeed's shared-memory op: CPU runs no longer build it."""
+    """The lock a killed first start used to leave for DeepSpeed's shared-memory op: no process holds it, so the run
+    takes it over at once, and CPU runs no longer build that op."""
     ext = tmp_path / "ext"
     lock = ext / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)
@@ -290,4 +291,5 @@ def test_a_wedged_extension_lock_does_not_hang_a_cpu_run(tmp_path):
     proc = subprocess.run(train_cmd(tmp_path / "run", "--max-steps", "1", "--num-workers", "0"), env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert lock.exists() and not any(p.name.endswith(".so") for p in ext.rglob("*"))
+    assert not lock.exists() and not any(p.name.endswith(".so") for p in ext.rglob("*"))
+    assert "the build that made it no longer runs" in proc.stderr

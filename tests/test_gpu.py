@@ -26,19 +26,39 @@ def packed_qkv(lengths, heads=4, kv_heads=2, dim=64, dtype=torch.bfloat16):
 
 @pytest.mark.parametrize("window", [None, 37])
 def test_torch_varlen_is_bitwise_per_sequence_with_one_split(window):
+    if not attention.varlen_features()["num_splits"]:
+        pytest.skip(f"torch {torch.__version__}'s varlen_attn has no num_splits (batch invariance needs torch>=2.12)")
     from torch.nn.attention.varlen import varlen_attn
 
     lengths = [300, 17, 1024, 5]
     q, k, v, bounds = packed_qkv(lengths)
     cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
-    left = -1 if window is None else window - 1
-    packed = varlen_attn(q, k, v, cu, cu, max(lengths), max(lengths), window_size=(left, 0), enable_gqa=True,
-                         num_splits=1)
+    options = attention.varlen_keywords(window, None, q.shape[-1], gqa=True, batch_invariant=True)
+    packed = varlen_attn(q, k, v, cu, cu, max(lengths), max(lengths), **options)
     for s, e in zip(bounds[:-1], bounds[1:]):
         one = torch.tensor([0, e - s], dtype=torch.int32, device="cuda")
-        alone = varlen_attn(q[s:e], k[s:e], v[s:e], one, one, e - s, e - s, window_size=(left, 0), enable_gqa=True,
-                            num_splits=1)
+        alone = varlen_attn(q[s:e], k[s:e], v[s:e], one, one, e - s, e - s, **options)
         assert torch.equal(packed[s:e], alone)
+
+
+@pytest.mark.parametrize("window", [None, 37])
+def test_torch_varlen_equals_per_sequence_sdpa_in_bf16(window):
+    """Whatever this torch's varlen_attn signature: grouped-query heads and windows give SDPA's result per sample."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    lengths = [300, 17, 1024, 5]
+    q, k, v, bounds = packed_qkv(lengths)
+    cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
+    packed = varlen_attn(q, k, v, cu, cu, max(lengths), max(lengths),
+                         **attention.varlen_keywords(window, None, q.shape[-1], gqa=True))
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        i = torch.arange(e - s, device="cuda")
+        allowed = i[None, :] <= i[:, None]
+        if window is not None:
+            allowed &= i[None, :] > i[:, None] - window
+        want = torch.nn.functional.scaled_dot_product_attention(
+            *(x[s:e].transpose(0, 1).float() for x in (q, k, v)), attn_mask=allowed, enable_gqa=True).transpose(0, 1)
+        torch.testing.assert_close(packed[s:e].float(), want, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("backend", ["torch-varlen", "flash-attn"])

@@ -1,7 +1,13 @@
 """Bad options and bad config files: one line naming the option (and file), non-zero exit, before any expensive work;
 the output directory is never reused silently."""
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +15,7 @@ from click.testing import CliRunner
 
 from arc25_fast.cli import main
 from arc25_fast.config import ConfigError, DataConfig, TrainConfig, resolve
-from arc25_fast.extensions import use_private_extensions_dir
+from arc25_fast.extensions import build_op, lock_holders, use_private_extensions_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--max-tokens", "1024", "--verify-samples", "0", "--eval-every", "0", "--num-workers", "0"]
@@ -201,13 +207,28 @@ def test_her_line_with_a_raw_line_separator_is_valid(tmp_path):
     assert len(tasks) == 1 and tasks[0].code == code and not report.skipped
 
 
-@pytest.mark.parametrize("env", ["TORCH_EXTENSIONS_DIR set", "TORCH_EXTENSIONS_DIR unset"])
-def test_stale_extension_build_locks_are_cleared_where_torch_puts_them(tmp_path, monkeypatch, capsys, env):
-    """The locks are planted in the build directory torch itself computes for an op (one folder below
-    TORCH_EXTENSIONS_DIR, which the trainer always sets: to a private folder under HOME when the user did not)."""
-    import os
-    import time
+HOLD_LOCK = ("import os, sys, time\nfd = os.open(sys.argv[1], os.O_CREAT | os.O_EXCL)\nprint('held', flush=True)\n"
+             "time.sleep(600)")
 
+
+def hold_lock(lock: Path) -> subprocess.Popen:
+    """A process that takes ``lock`` exactly as torch's FileBaton does (create, keep the descriptor open)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def dead_lock(lock: Path) -> None:
+    proc = hold_lock(lock)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("env", ["TORCH_EXTENSIONS_DIR set", "TORCH_EXTENSIONS_DIR unset"])
+def test_dead_build_locks_are_taken_over_at_once_where_torch_puts_them(tmp_path, monkeypatch, capsys, env):
+    """The locks are planted in the build directory torch itself computes for an op (one folder below
+    TORCH_EXTENSIONS_DIR, which the trainer always sets: to a private folder under HOME when the user did not).
+    A lock whose builder was killed goes at once, whatever its age; one held by a live build stays."""
     from torch.utils.cpp_extension import _get_build_directory
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -216,34 +237,45 @@ def test_stale_extension_build_locks_are_cleared_where_torch_puts_them(tmp_path,
     else:
         monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     use_private_extensions_dir()
-    stale = Path(_get_build_directory("cpu_adam", False)) / "lock"
-    fresh = Path(_get_build_directory("other_op", False)) / "lock"
-    assert stale.parent.parent == Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    for lock in (stale, fresh):
-        lock.write_text("")
-    old = time.time() - 11 * 60
-    os.utime(stale, (old, old))
-    use_private_extensions_dir()
-    assert not stale.exists() and fresh.exists()  # a build in progress elsewhere keeps its lock
-    assert "stale extension build lock" in capsys.readouterr().err
+    dead = Path(_get_build_directory("cpu_adam", False)) / "lock"
+    live = Path(_get_build_directory("other_op", False)) / "lock"
+    assert dead.parent.parent == Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    dead_lock(dead)
+    builder = hold_lock(live)
+    try:
+        assert lock_holders(live) == [builder.pid] and lock_holders(dead) == []
+        use_private_extensions_dir()
+        assert not dead.exists() and live.exists()  # a build in progress elsewhere keeps its lock
+    finally:
+        builder.kill()
+        builder.wait()
+    assert "the build that made it no longer runs" in capsys.readouterr().err
 
 
-def test_a_compiling_op_is_announced_and_a_lock_that_turns_stale_is_removed(tmp_path, monkeypatch, capsys):
-    import os
-    import time
+@pytest.mark.slow
+def test_a_run_survives_a_build_that_died_while_it_waited(tmp_path, monkeypatch, capsys):
+    """A real torch JIT build: this process waits on another builder's lock, that builder is killed with -9, and
+    ``build_op`` takes the lock over, builds the op itself and loads it (torch alone would load an op never built)."""
+    from torch.utils.cpp_extension import _get_build_directory, load_inline
 
-    from arc25_fast.extensions import extension_build_notes
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    name = f"arc25_lock_probe_{os.getpid()}"
+    lock = Path(_get_build_directory(name, False)) / "lock"
+    builder = hold_lock(lock)
+    source = "int twice(int x) { return 2 * x; }"
+    result = {}
 
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    lock = tmp_path / "cpu_adam" / "lock"
-    with extension_build_notes(interval=0.05):
-        lock.parent.mkdir()
-        lock.write_text("")
-        time.sleep(0.3)
-        assert lock.exists() and "compiling the DeepSpeed op cpu_adam" in capsys.readouterr().err
-        old = time.time() - 11 * 60
-        os.utime(lock, (old, old))  # the build that held it died meanwhile
-        time.sleep(0.3)
-        assert not lock.exists()
+    def load():
+        return load_inline(name, cpp_sources=source, functions=["twice"], extra_cflags=["-O0"])
+
+    waiter = threading.Thread(target=lambda: result.update(op=build_op(load, name)))
+    waiter.start()
+    time.sleep(2)
+    assert waiter.is_alive() and "process %d is compiling the op" % builder.pid in capsys.readouterr().err
+    builder.send_signal(signal.SIGKILL)
+    builder.wait()
+    waiter.join(timeout=400)
+    assert not waiter.is_alive() and result["op"].twice(21) == 42
+    assert "building it here" in capsys.readouterr().err
 
 

@@ -31,7 +31,12 @@ def test_references_have_the_kernels_signatures():
     def shape(fn):
         return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
 
-    assert shape(varlen_attn) == shape(reference.varlen_attn)
+    if attention.varlen_features(varlen_attn)["num_splits"]:  # the signature the reference mirrors (torch 2.12+)
+        assert shape(varlen_attn) == shape(reference.varlen_attn)
+    else:  # an older torch's kernel: a subset of it (attention.varlen_keywords passes only what it has)
+        reference_params = {name: (kind, default) for name, kind, default in shape(reference.varlen_attn)}
+        assert all(reference_params.get(name) == (kind, default) or name == "is_causal"
+                   for name, kind, default in shape(varlen_attn)), shape(varlen_attn)
     params = list(inspect.signature(reference.flash_attn_varlen_func).parameters)
     assert params == ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "dropout_p",
                       "softmax_scale", "causal", "window_size", "softcap", "alibi_slopes", "deterministic",
@@ -126,3 +131,43 @@ def test_trailing_rows_are_refused_before_the_kernel(swapped, real_batch, tiny_t
     inputs["cu_seqlens"] = inputs["cu_seqlens"][:-1]
     with pytest.raises(ValueError, match="packed batch holds .* tokens but its samples end at"):
         PackedCausalLM(model)(**inputs)
+
+
+def varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1)):
+    """torch 2.11's ``varlen_attn`` signature: windows and a scale, grouped-query K/V taken natively, no
+    ``enable_gqa`` or ``num_splits``."""
+    return reference.varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux=return_aux,
+                                 scale=scale, window_size=window_size, enable_gqa=True)
+
+
+def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    """torch 2.10's: ``is_causal`` only."""
+    return reference.varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux=return_aux,
+                                 window_size=(-1, 0) if is_causal else (-1, -1), enable_gqa=True)
+
+
+@pytest.mark.parametrize("kernel", [varlen_attn_2_11, varlen_attn_2_10], ids=["torch-2.11", "torch-2.10"])
+def test_older_varlen_signatures_train_exactly(monkeypatch, real_batch, tiny_tokenizer, kernel):
+    """An older torch's kernel gets only the keywords it has: the packed loss and gradients still equal per-sample."""
+    monkeypatch.setitem(attention.KERNELS, "torch-varlen", kernel)
+    assert not attention.varlen_features()["enable_gqa"]
+    model = load_base_model("tiny", len(tiny_tokenizer), torch.float32, attention.register("torch-varlen")).eval()
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    check_packed_model(model, attention.register("torch-varlen"))
+    assert_packed_equals_per_sample(model, model_inputs(real_batch, CPU), lambda: per_sample_reference(model, real_batch))
+
+
+def test_a_feature_the_installed_varlen_lacks_names_the_torch_that_has_it(monkeypatch):
+    from test_architectures import tiny_model
+
+    monkeypatch.setitem(attention.KERNELS, "torch-varlen", varlen_attn_2_10)
+    key = attention.register("torch-varlen")
+    with pytest.raises(ModelError, match=r"sliding-window attention needs torch>=2\.11 for --attn torch-varlen"):
+        check_packed_model(tiny_model("mistral", key).eval(), key)
+    monkeypatch.setitem(attention.KERNELS, "torch-varlen", varlen_attn_2_11)
+    with pytest.raises(attention.PackedAttentionUnsupported, match=r"num_splits=1\) needs torch>=2\.12"):
+        attention.varlen_keywords(None, None, 64, gqa=True, batch_invariant=True)
+    monkeypatch.setitem(attention.KERNELS, "torch-varlen", reference.varlen_attn)
+    assert attention.varlen_keywords(5, 0.5, 64, gqa=True, batch_invariant=True) == {
+        "window_size": (4, 0), "scale": 0.5, "enable_gqa": True, "num_splits": 1}
