@@ -41,8 +41,8 @@ class DataConfig:
                           "tokenizer allows it, else text with a warning).", choices=("auto", "fast", "text"))
     train_on: str = option("answer", "Trained tokens: answer (the test output or the program, with its fence and "
                            "the end of turn), all-outputs (also the cells of every demo output grid, from its first "
-                           "digit to its last: a demo grid's fence and shape line are not trained) or "
-                           "all-outputs-but-first; the last two apply to output-from-examples tasks only.",
+                           "digit to its last: a demo grid's fence and shape line are not trained; for a code task, what its "
+                           "program draws) or all-outputs-but-first.",
                            choices=("answer", "all-outputs", "all-outputs-but-first"))
     max_tokens: int = option(8192, "Token budget of one packed micro-batch; longer samples are dropped and counted.",
                              min=64)
@@ -62,6 +62,8 @@ class DataConfig:
                                     "colour.", min=0.0, max=1.0)
     synthetic_background: int = option(-1, "The colour of a one-colour synthetic input image (-1: a random colour).",
                                        min=-1, max=9)
+    synthetic_distinct_colors: bool = option(False, "A synthetic call never draws in the background colour of a "
+                                             "one-colour input, where it would not show in that example.")
     verify_samples: int = option(200, "Samples checked against the reference text path when the pipeline is "
                                  "built (0: none).", min=0)
 
@@ -368,7 +370,7 @@ class EvalConfig(SampleOptions):
 EVAL_DATA_OPTIONS = ("tokenizer", "grid_format", "encoder", "verify_samples", "keep_background", "skip_invalid",
                      "seed", "synthetic_max_calls",
                      "synthetic_max_inputs", "synthetic_min_side", "synthetic_max_side", "synthetic_noise",
-                     "synthetic_background")
+                     "synthetic_background", "synthetic_distinct_colors")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from .grid_formats import GridFormat, grid_format
 from .grids import DataError
 from .kernels.grid_tokens import HEADER, grid_body_tokens
-from .prompts import CODE, Sample, Segment
+from .prompts import Sample, Segment
 from .tokenizer import ChatPieces, render_chat, render_prompt
 
 DIGITS = "0123456789"
@@ -75,9 +75,6 @@ def trained_outputs(sample: Sample, train_on: str) -> tuple[int, ...]:
     """Indices in ``sample.user`` of the demo output grids whose bodies are trained."""
     if train_on == "answer":
         return ()
-    if sample.kind == CODE:
-        raise ValueError(f"--train-on {train_on} applies to output-from-examples tasks only; {sample.source} "
-                         "gives code-from-examples tasks (use --train-on answer)")
     return sample.demo_outputs if train_on == "all-outputs" else sample.demo_outputs[1:]
 
 

@@ -16,7 +16,6 @@ from .encoding import (
 from .grid_formats import grid_format
 from .grids import DataError
 from .logs import note
-from .prompts import CODE
 from .rng import Rng
 from .sources import Augmentation, Mix, load_mix
 from .stream import Encoder, PackingConfig
@@ -39,11 +38,6 @@ def build_mix(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | None = None)
         if report.skipped:
             note(f"{report.source}: skipped {len(report.skipped)} invalid task(s) of {report.loaded + len(report.skipped)}"
                  f", first: {report.skipped[0]}")
-    if cfg.train_on != "answer":
-        code = [s.name for s in mix.sources if s.kind == CODE]
-        if code:
-            raise ConfigError(f"--train-on {cfg.train_on} applies to output-from-examples tasks only; task source "
-                              f"{code[0]} gives code-from-examples tasks (use --train-on answer)")
     return mix
 
 
@@ -53,7 +47,8 @@ def synthetic_config(cfg: DataConfig) -> SyntheticConfig:
                           f"{cfg.synthetic_max_side}")
     return SyntheticConfig(max_calls=cfg.synthetic_max_calls, max_inputs=cfg.synthetic_max_inputs,
                            min_side=cfg.synthetic_min_side, max_side=cfg.synthetic_max_side,
-                           noise=cfg.synthetic_noise, background=cfg.synthetic_background)
+                           noise=cfg.synthetic_noise, background=cfg.synthetic_background,
+                           distinct_colors=cfg.synthetic_distinct_colors)
 
 
 def build_encoder(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> Encoder:

@@ -7,8 +7,8 @@ a test pins the counts of a training step and of a decode step, and ``benchmarks
 
 A read counts as a sync only when it reads a *device value*: a tensor named as device-resident (the model's
 parameters), or the output of an operator run inside the block that made a new tensor (a factory or
-``torch.tensor(data)``: on a GPU the step makes them on the device) or read a device value. Host data from the loader, and what is computed from it alone,
-stays on the host in a GPU run too and is not counted.
+``torch.tensor(data)``: on a GPU the step makes them on the device) or read a device value. Host data from the
+loader, and what is computed from it alone, stays on the host in a GPU run too and is not counted.
 """
 import contextlib
 from collections import Counter

@@ -105,6 +105,7 @@ class SyntheticConfig:
     max_side: int = 30
     noise: float = 0.5  # probability that an input is random pixels rather than one colour
     background: int = -1  # the colour of a one-colour input (-1: a random colour)
+    distinct_colors: bool = False  # no call draws in a one-colour input's background colour (invisible there)
 
 
 def _random_call(rng: Rng, h: int, w: int) -> tuple[int, int, int, int, int, int]:
@@ -150,6 +151,8 @@ def random_program_task(rng: Rng, cfg: SyntheticConfig, task_id: str = "syntheti
         h = min(img.shape[0] for img in inputs)
         w = min(img.shape[1] for img in inputs)
         calls = np.array([_random_call(rng, h, w) for _ in range(rng.between(1, cfg.max_calls))], dtype=np.int64)
+        if cfg.distinct_colors and {int(img[0, 0]) for img in inputs if img.min() == img.max()} & set(calls[:, 5]):
+            continue
         outputs = [run_calls(img, calls, -1) for img in inputs]
         i = 0
         while i < len(calls):

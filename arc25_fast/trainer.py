@@ -15,8 +15,8 @@ from .config import TrainConfig
 from .engine import all_reduce
 from .faults import NonFiniteSteps
 from .grids import DataError
-from .local_engine import LocalEngine
 from .kernels import attention
+from .local_engine import LocalEngine
 from .model import PackedCausalLM, add_adapter, check_packed_model, is_random_init, load_base_model, resolve_dtype
 from .pipeline import packing_config
 from .stream import DataPosition, PackedStream, to_torch

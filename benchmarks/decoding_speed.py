@@ -89,7 +89,8 @@ def main() -> None:
     stop = end_of_turn_ids(tokenizer, encoder)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
     report = {"command": " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-              f"{args.threads} thread(s), {gpu}", "device": str(device), "dtype": str(dtype).split(".")[-1], "tasks": len(tasks), "prompt_tokens": [len(p) for p in prompts],
+              f"{args.threads} thread(s), {gpu}", "device": str(device), "dtype": str(dtype).split(".")[-1],
+              "tasks": len(tasks), "prompt_tokens": [len(p) for p in prompts],
               "sampling": [], "scoring": {}, "dfs": []}
     print(f"{len(tasks)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens")
     for shared in (False, True):  # warm-up: first-call costs belong to neither method

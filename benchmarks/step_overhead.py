@@ -181,7 +181,7 @@ def main() -> None:
                 step = EagerStep(cfg, len(tokenizer), device)
                 params, flops, backend = step.params, None, "sdpa (padded batch)"
             else:
-                model, packed, backend = build_model(cfg, len(tokenizer), device)
+                _, packed, backend = build_model(cfg, len(tokenizer), device)
                 engine, _ = build_engine(cfg, packed, device, 1, 1)
                 params, flops = list(packed.parameters()), FlopModel.of(packed)
 
@@ -206,7 +206,7 @@ def main() -> None:
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                                   if k != "top_ops"}), flush=True)
                 report["rows"].append(row)
-            step = engine = model = packed = None
+            step = engine = packed = None
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -182,7 +182,6 @@ def first_batch_losses(args) -> dict:
     preparation, collator and ``compute_loss``; arc25-fast's encoder, packed batch and chunked loss."""
     import numpy as np
     import torch
-    from arc25_fast.kernels import attention
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -190,6 +189,7 @@ def first_batch_losses(args) -> dict:
 
     from arc25_fast.config import TrainConfig
     from arc25_fast.encoding import EncodedSample
+    from arc25_fast.kernels import attention
     from arc25_fast.model import PackedCausalLM, add_adapter
     from arc25_fast.stream import micro_batch, to_torch
     from arc25_fast.validation import model_inputs
@@ -227,11 +227,11 @@ def validation_loss(args, adapter: str) -> float:
     """Answer-token loss of an adapter on the held-out samples: the same code for every trainer's adapter."""
     import numpy as np
     import torch
-    from arc25_fast.kernels import attention
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from arc25_fast.encoding import EncodedSample
+    from arc25_fast.kernels import attention
     from arc25_fast.model import PackedCausalLM
     from arc25_fast.stream import micro_batch, to_torch
     from arc25_fast.validation import model_inputs

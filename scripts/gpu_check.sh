@@ -5,6 +5,7 @@
 #   bash scripts/prepare_gpu_check.sh       # once, on a machine with network: wheels and .debs into .whl/
 #   bash scripts/gpu_check.sh               # on the GPU machine, from the checkout (with .whl/ beside it)
 #   bash scripts/gpu_check.sh --dry-run     # the same sections at tiny sizes on the CPU (CI runs this)
+#   GPU_CHECK_OUT=DIR bash scripts/gpu_check.sh   # the report somewhere else
 #
 # Only what is missing is installed: each wheel of .whl/ whose distribution Python cannot find goes into a private
 # folder on PYTHONPATH; bubblewrap is unpacked from its .deb when there is no bwrap. The sections: the GPU tests; the
@@ -17,10 +18,10 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
-OUT=${OUT:-runs/gpu_check}
+OUT=${GPU_CHECK_OUT:-runs/gpu_check}
 SHARED=${SHARED:-../shared/fixtures}
 PY=${PYTHON:-python3}
-rm -rf "$OUT" && mkdir -p "$OUT"
+mkdir -p "$OUT" && rm -rf "$OUT"/report.md "$OUT"/sections.log "$OUT"/*.json "$OUT/trl" "$OUT/search"
 REPORT=$OUT/report.md
 LOG=$OUT/sections.log
 START=$SECONDS
@@ -51,13 +52,16 @@ if ! command -v bwrap >/dev/null 2>&1 && ls .whl/bubblewrap*.deb >/dev/null 2>&1
   export PATH=/tmp/arc25-sys/usr/bin:$PATH LD_LIBRARY_PATH=/tmp/arc25-sys/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 fi
 
+SCALE=1  # the time boxes, multiplied: a dry run on a small busy CPU is slower than the real one on a GPU machine
 if [ $DRY = 1 ]; then
   export CUDA_VISIBLE_DEVICES=""
-  MODEL=tiny TOK=tiny BUDGETS=512,1024 STEPS=2 KS=1,8 NEW=8 TASKS=2 PROGRAMS=200 TRL=(--hidden 64 --intermediate 128
+  SCALE=4 GPU_TESTS=(tests/test_gpu.py)  # the CPU tests among them run in the suite anyway
+  MODEL=tiny TOK=tiny BUDGETS=512,1024 STEPS=2 KS=1,8 NEW=4 TASKS=1 PROGRAMS=200 LEARN=1 SAMPLES=4 TRL=(--hidden 64 --intermediate 128
     --layers 2 --heads 4 --kv-heads 2 --samples 8 --max-sample-tokens 1024 --max-tokens 1024)
 else
+  GPU_TESTS=(tests/test_gpu.py tests/test_reference_kernels.py tests/test_step_audit.py)
   MODEL=$SHARED/model-configs/qwen2.5-coder-0.5b-instruct.json TOK=$SHARED/qwen2-tokenizer
-  BUDGETS=8192,16384,65536 STEPS=5 KS=1,8,32 NEW=32 TASKS=2 PROGRAMS=4000 TRL=(--hidden 896 --intermediate 4864
+  BUDGETS=8192,16384,65536 STEPS=5 KS=1,8,32 NEW=32 TASKS=2 PROGRAMS=4000 LEARN=4 SAMPLES=16 TRL=(--hidden 896 --intermediate 4864
     --layers 24 --heads 14 --kv-heads 2 --samples 96 --max-sample-tokens 8192 --max-tokens 16384)
 fi
 
@@ -74,7 +78,7 @@ fi
 SUMMARY=""
 
 section() {  # section NAME BOX_SECONDS COMMAND...: run within its box, keep its output, record how it ended
-  local name=$1 box=$2; shift 2
+  local name=$1 box=$(($2 * SCALE)); shift 2
   echo "== $name (box ${box} s): $*" | tee -a "$LOG"
   local start=$SECONDS
   timeout --kill-after=10 "$box" "$@" >> "$LOG" 2>&1
@@ -86,21 +90,21 @@ section() {  # section NAME BOX_SECONDS COMMAND...: run within its box, keep its
   SUMMARY+="$name: $verdict"$'\n'
 }
 
-section "gpu tests" 75 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_reference_kernels.py \
-  tests/test_step_audit.py -rs
+section "gpu tests" 75 "$PY" -m pytest -q -p no:cacheprovider "${GPU_TESTS[@]}" -rs
 section "training step" 140 "$PY" benchmarks/step_overhead.py --model "$MODEL" --tokenizer "$TOK" --budgets "$BUDGETS" \
   --modes full,lora --engines eager,deepspeed,local --steps "$STEPS" --warmup 2 --profile --json "$OUT/step_overhead.json"
 if "$PY" -c "import trl, datasets" 2>/dev/null; then
   section "trl side by side" 90 "$PY" benchmarks/trl_side_by_side.py --out "$OUT/trl" "${TRL[@]}" --tokenizer "$TOK" --batch-sizes "" \
     --rounds 1 --engine local --no-validation --threads 4
 else
-  echo "| trl side by side | 90 | skipped: trl and datasets are not installed (.whl/ has none) | 0 |" >> "$REPORT"
+  echo "| trl side by side | $((90 * SCALE)) | skipped: trl and datasets are not installed (.whl/ has none) | 0 |" >> "$REPORT"
 fi
 [ -f "$OUT/trl/report.json" ] && cp "$OUT/trl/report.json" "$OUT/trl.json"
 section "sampling" 90 "$PY" benchmarks/decoding_speed.py --model "$MODEL" --tokenizer "$TOK" --sections sampling \
   --ks "$KS" --batch-sizes 1 --max-new-tokens "$NEW" --max-tasks "$TASKS" --json "$OUT/sampling.json"
 section "search-and-learn" 75 "$PY" -m arc25_fast.cli search-and-learn --tasks "synthetic:$TASKS:7" --model "$MODEL" \
-  --tokenizer "$TOK" --rounds 2 --samples 16 --ttt-steps 4 --max-steps 4 --max-new-tokens "$NEW" --lr 1e-4 \
+  --tokenizer "$TOK" --rounds 2 --samples "$SAMPLES" --ttt-steps "$LEARN" --max-steps "$LEARN" --max-new-tokens "$NEW" \
+  --lr 1e-4 \
   --output-dir "$OUT/search" --overwrite
 [ -f "$OUT/search/search_summary.json" ] && cp "$OUT/search/search_summary.json" "$OUT/search.json"
 section "sandbox" 25 "$PY" benchmarks/sandbox_throughput.py --programs "$PROGRAMS" --workers "$(nproc)" \

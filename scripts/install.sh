@@ -22,7 +22,7 @@ python -c "import setuptools, wheel" 2>/dev/null || python -m pip install -q set
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 keep_torch=$(mktemp)
 trap 'rm -f "$keep_torch"' EXIT
-python -c "import torch; print('torch==' + torch.__version__)" > "$keep_torch"  # never replace the torch in place
+python -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null > "$keep_torch"  # never replace the torch in place
 case "${ARC25_PACKAGES:-tested}" in
   tested) pins=(-c constraints.txt -c "$keep_torch") ;;
   newest) pins=(--upgrade --upgrade-strategy eager -c "$keep_torch") ;;

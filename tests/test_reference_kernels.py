@@ -6,9 +6,9 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
-from arc25_fast.kernels import attention, reference
 from test_architectures import tiny_model
 
+from arc25_fast.kernels import attention, reference
 from arc25_fast.model import ModelError, PackedCausalLM, check_packed_model, load_base_model
 from arc25_fast.stream import PackedStream, PackingConfig, to_torch
 from arc25_fast.validation import model_inputs
@@ -33,10 +33,9 @@ def test_references_have_the_kernels_signatures():
 
     if attention.varlen_features(varlen_attn)["num_splits"]:  # the signature the reference mirrors (torch 2.12+)
         assert shape(varlen_attn) == shape(reference.varlen_attn)
-    else:  # an older torch's kernel: a subset of it (attention.varlen_keywords passes only what it has)
-        reference_params = {name: (kind, default) for name, kind, default in shape(reference.varlen_attn)}
-        assert all(reference_params.get(name) == (kind, default) or name == "is_causal"
-                   for name, kind, default in shape(varlen_attn)), shape(varlen_attn)
+    else:  # an older torch's kernel takes a subset of its keywords (varlen_keywords passes only those it has)
+        names = {name for name, _, _ in shape(reference.varlen_attn)} | {"is_causal"}  # torch 2.10's causal flag
+        assert {name for name, _, _ in shape(varlen_attn)} <= names, shape(varlen_attn)
     params = list(inspect.signature(reference.flash_attn_varlen_func).parameters)
     assert params == ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "dropout_p",
                       "softmax_scale", "causal", "window_size", "softcap", "alibi_slopes", "deterministic",

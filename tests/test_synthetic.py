@@ -1,8 +1,16 @@
 """Synthetic drawing programs: the rendered code does exactly what produced the outputs, and every call matters."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from arc25_fast.rng import Rng
 from arc25_fast.synthetic import DSL, SyntheticConfig, draw_line, random_program_task, run_code
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_rendered_code_reproduces_outputs_and_no_call_is_dead():
@@ -36,3 +44,32 @@ def test_same_seed_same_tasks():
     a = [random_program_task(Rng.for_block(1, 2, 3, 4), SyntheticConfig()).code for _ in range(3)]
     b = [random_program_task(Rng.for_block(1, 2, 3, 4), SyntheticConfig()).code for _ in range(3)]
     assert a == b
+
+
+def test_distinct_colors_keep_every_call_visible_on_one_colour_inputs():
+    cfg = SyntheticConfig(max_calls=2, noise=0.0, background=-1, distinct_colors=True, max_side=12)
+    rng = Rng.for_block(3, 1, 4, 1)
+    for _ in range(200):
+        task = random_program_task(rng, cfg)
+        backgrounds = {int(img[0, 0]) for img in task.inputs}
+        drawn = {int(c) for c in re.findall(r"color=(\d)", task.code)}
+        assert not backgrounds & drawn, (task.code, backgrounds)
+
+
+def test_the_independent_varied_set_is_what_its_programs_draw(tmp_path):
+    """benchmarks/varied_tasks.py paints with its own code; the DSL must draw exactly the same outputs, and every
+    example has its own background, never the drawn colour."""
+    out = tmp_path / "varied_challenges.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "varied_tasks.py"), "--out", str(out), "--calls", "2",
+                    "--count", "40"], check=True, capture_output=True)
+    challenges = json.loads(out.read_text())
+    solutions = json.loads((tmp_path / "varied_solutions.json").read_text())
+    programs = json.loads((tmp_path / "varied_programs.json").read_text())
+    assert len(challenges) == 40
+    for task_id, task in challenges.items():
+        inputs = [np.array(p["input"], dtype=np.uint8) for p in task["train"]]
+        inputs.append(np.array(task["test"][0]["input"], dtype=np.uint8))
+        outputs = [np.array(p["output"]) for p in task["train"]] + [np.array(solutions[task_id][0])]
+        assert all(np.array_equal(a, b) for a, b in zip(run_code(programs[task_id], inputs), outputs)), task_id
+        drawn = {int(c) for c in re.findall(r"color=(\d)", programs[task_id])}
+        assert not {int(g[0, 0]) for g in inputs} & drawn
