@@ -278,3 +278,9 @@ def test_a_run_survives_a_build_that_died_while_it_waited(tmp_path, monkeypatch,
     assert "building it here" in capsys.readouterr().err
 
 
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_file_resolves(path):
+    cfg = resolve(TrainConfig, str(path), {})
+    assert cfg.data.task_sources and cfg.max_steps >= 1
