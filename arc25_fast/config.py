@@ -41,8 +41,8 @@ class DataConfig:
                           "tokenizer allows it, else text with a warning).", choices=("auto", "fast", "text"))
     train_on: str = option("answer", "Trained tokens: answer (the test output or the program, with its fence and "
                            "the end of turn), all-outputs (also the cells of every demo output grid, from its first "
-                           "digit to its last: a demo grid's fence and shape line are not trained; for a code task, what its "
-                           "program draws) or all-outputs-but-first.",
+                           "digit to its last: a demo grid's fence and shape line are not trained; for a code task, "
+                           "what its program draws) or all-outputs-but-first.",
                            choices=("answer", "all-outputs", "all-outputs-but-first"))
     max_tokens: int = option(8192, "Token budget of one packed micro-batch; longer samples are dropped and counted.",
                              min=64)
