@@ -86,8 +86,10 @@ def test_adapter_reloads_and_reproduces_trained_logits(lora_run):
         torch.testing.assert_close(merged(input_ids=ids).logits, reloaded(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_resume_gives_the_same_losses(tmp_path):
-    common = dict(lr_schedule="constant", eval_every=0, save_every=3, lora=False)
+@pytest.mark.parametrize("engine", ["deepspeed", "local"])
+def test_resume_gives_the_same_losses(tmp_path, engine):
+    """With either engine: its checkpoint (weights, fp32 master weights, optimizer state) resumes exactly."""
+    common = dict(lr_schedule="constant", eval_every=0, save_every=3, lora=False, engine=engine)
     full = train(small_run(tmp_path / "full", max_steps=6, **common))
     train(small_run(tmp_path / "split", max_steps=3, **common))
     resumed = train(small_run(tmp_path / "split", max_steps=6, resume=True, **common))
