@@ -114,8 +114,9 @@ def _sample_batch(model, prompts, n, temperature, top_p, max_new_tokens, stop, s
             v_all[r, :, width - lengths[i]:] = caches[i].layers[layer].values[0]
         joint.update(k_all, v_all, layer)
     del caches
-    mask = torch.tensor([[0] * (width - lengths[i]) + [1] * lengths[i] for i, _ in rows], device=device)
-    padded = min(lengths) < width  # else no mask: transformers reads an all-ones mask back to skip it (a sync a step)
+    # no mask when no row is padded: transformers reads an all-ones mask back to skip it (a sync a step)
+    mask = torch.tensor([[0] * (width - lengths[i]) + [1] * lengths[i] for i, _ in rows], device=device) \
+        if min(lengths) < width else None
     generators = [row_generator(seed, prompts[i], k, device) for i, k in rows]
     tokens = _pick(torch.stack([first[i] for i, _ in rows]), temperature, top_p, generators)
     done: list[list[int]] = [[] for _ in rows]
@@ -133,13 +134,13 @@ def _sample_batch(model, prompts, n, temperature, top_p, max_new_tokens, stop, s
         if len(keep) < len(active):  # finished rows leave the batch
             index = torch.tensor(keep, device=device)
             joint.batch_select_indices(index)
-            mask = mask[index]
+            mask = None if mask is None else mask[index]
             active = [active[a] for a in keep]
             tokens = [tokens[a] for a in keep]
-        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         positions = torch.tensor([[lengths[rows[r][0]] + step] for r in active], device=device)
-        logits, joint = _forward(model, torch.tensor([[t] for t in tokens], device=device), joint, positions,
-                                 mask if padded else None)
+        logits, joint = _forward(model, torch.tensor([[t] for t in tokens], device=device), joint, positions, mask)
         tokens = _pick(logits[:, -1], temperature, top_p, [generators[r] for r in active])
     return [[done[i * n + k] for k in range(n)] for i in range(len(prompts))]
 

@@ -67,13 +67,15 @@ def lock_holders(lock: Path) -> list[int] | None:
 
 def remove_dead_locks(root: Path) -> list[Path]:
     """Remove the build locks that no process holds (their build was killed); return them."""
-    removed = []
-    for lock in build_locks(root):
-        if lock_holders(lock) == []:
-            note(f"taking over the build lock {lock}: the build that made it no longer runs")
-            lock.unlink(missing_ok=True)
-            removed.append(lock)
+    removed = [lock for lock in build_locks(root) if lock_holders(lock) == []]
+    for lock in removed:
+        take_over(lock)
     return removed
+
+
+def take_over(lock: Path) -> None:
+    note(f"taking over the build lock {lock}: the build that made it no longer runs")
+    lock.unlink(missing_ok=True)
 
 
 def build_op(load: Callable[[], object], name: str, attempts: int = 3) -> object:
@@ -114,9 +116,8 @@ def extension_build_notes(interval: float = 5.0):
                 if holders is None:
                     continue
                 if not holders:
-                    note(f"the build of {op} that held {lock} died; taking over its lock")
                     _dead_builds.add(op)
-                    lock.unlink(missing_ok=True)
+                    take_over(lock)
                 elif (lock, tuple(holders)) not in seen:
                     seen.add((lock, tuple(holders)))
                     who = "this process is" if os.getpid() in holders else f"process {holders[0]} is"

@@ -9,8 +9,9 @@ master weights cast back into the model's. Nothing in a step reads a device valu
 the step's loss, in the one sync ``optimizer_step`` makes.
 
 It has the part of DeepSpeed's engine interface the trainers use (call, ``backward``, ``step``, ``optimizer``,
-``get_global_grad_norm``, ``zero_grad``, ``train``/``eval``, ``save_checkpoint``/``load_checkpoint`` in a folder of
-its own, ``engine.pt``) and ``reset`` for ``trainer.reset``. A checkpoint of one engine does not load into the other.
+``zero_grad``, ``train``/``eval``, ``save_checkpoint``/``load_checkpoint`` in a folder of its own, ``engine.pt``),
+``grad_norm`` (a device tensor, read with the loss) and ``reset`` for ``trainer.reset``. A checkpoint of one engine
+does not load into the other.
 """
 from pathlib import Path
 
@@ -28,9 +29,9 @@ class LocalEngine:
         self.grad_clip = grad_clip
         self.grad_accum = grad_accum
         self._micro = 0
-        mixed = any(p.dtype != torch.float32 for p in params)
-        self.master = [p.detach().float().clone() for p in params] if mixed else params
-        if mixed:
+        self.mixed = any(p.dtype != torch.float32 for p in params)  # else the weights are their own master copy
+        self.master = [p.detach().float().clone() for p in params] if self.mixed else params
+        if self.mixed:
             for m in self.master:
                 m.grad = torch.zeros_like(m)
         self.optimizer = torch.optim.AdamW(self.master, lr=lr, weight_decay=weight_decay, fused=True)
@@ -50,7 +51,7 @@ class LocalEngine:
 
     def _master_grads(self) -> list[torch.Tensor]:
         """The fp32 gradients of this optimizer step (a parameter the loss never reached gets zeros)."""
-        if self.master is self.params:
+        if not self.mixed:
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -75,26 +76,24 @@ class LocalEngine:
             torch._foreach_mul_(grads, torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0))
         self.optimizer.found_inf = (~torch.isfinite(norm)).float()
         self.optimizer.step()
-        if self.master is not self.params:
+        if self.mixed:
             with torch.no_grad():
                 torch._foreach_copy_(self.params, self.master)
         self.zero_grad()
         self.grad_norm = norm
 
     def zero_grad(self) -> None:
-        for g in ([m.grad for m in self.master] if self.master is not self.params else []):
-            g.zero_()
-        if self.master is self.params:
+        if self.mixed:
+            for m in self.master:
+                m.grad.zero_()
+        else:
             for p in self.params:
                 p.grad = None
         self._micro = 0
 
-    def get_global_grad_norm(self) -> float:
-        return float(self.grad_norm)
-
     def reset(self) -> None:
         """Master weights from the model's, optimizer state cleared (``trainer.reset``)."""
-        if self.master is not self.params:
+        if self.mixed:
             with torch.no_grad():
                 torch._foreach_copy_(self.master, [p.detach().float() for p in self.params])
         self.optimizer.state.clear()
@@ -116,7 +115,7 @@ class LocalEngine:
             raise ValueError(f"{path}: its weights do not match this model's trainable weights")
         with torch.no_grad():
             torch._foreach_copy_(self.master, state["master"])
-            if self.master is not self.params:
+            if self.mixed:
                 torch._foreach_copy_(self.params, self.master)
         self.optimizer.load_state_dict(state["optimizer"])
         self.zero_grad()

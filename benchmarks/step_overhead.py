@@ -69,7 +69,6 @@ class EagerStep:
         self.model = add_adapter(base, cfg)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-5)
-        self.packed = None
 
     def __call__(self, batch: dict) -> None:
         loss = self.model(**batch["padded"]).loss
