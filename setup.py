@@ -7,7 +7,8 @@ setup(
     python_requires=">=3.10",
     # arc25_fast/kernels is a link to the top-level kernels/ folder, which has no __init__.py so that it never
     # shadows an installed distribution named "kernels" (transformers imports one) when the checkout is on sys.path
-    packages=["arc25_fast", "arc25_fast.kernels"],
+    packages=["arc25_fast", "arc25_fast.kernels", "arc25_fast.commands", "arc25_fast.solving", "arc25_fast.training",
+              "arc25_fast.sandbox", "arc25_fast.data", "arc25_fast.runtime"],
     package_data={"arc25_fast": ["assets/tiny-tokenizer/*", "ds_configs/*.json"]},
     # the tested range: from the oldest versions run (a GPU machine's torch 2.11 and transformers 5.17) to the
     # versions CI installs (constraints.txt); scripts/check_newest.sh checks the newest each CI run

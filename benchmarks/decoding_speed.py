@@ -25,15 +25,16 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from arc25_fast import decoding
-from arc25_fast.config import DataConfig, EvalConfig
-from arc25_fast.generation import HFGenerator, Sampling
-from arc25_fast.model import is_random_init, load_base_model, resolve_dtype
-from arc25_fast.pipeline import build_encoder
-from arc25_fast.rng import Rng
-from arc25_fast.solving import end_of_turn_ids, output_prompts, random_views, view_answer_ids
-from arc25_fast.sources import load_tasks
-from arc25_fast.tokenizer import load_tokenizer
+from arc25_fast.data.options import DataOptions
+from arc25_fast.data.pipeline import build_encoder
+from arc25_fast.data.sources import load_tasks
+from arc25_fast.data.tokenizer import load_tokenizer
+from arc25_fast.runtime.rng import Rng
+from arc25_fast.solving import decoding
+from arc25_fast.solving.generation import HFGenerator
+from arc25_fast.solving.options import Sampling, SolveOptions
+from arc25_fast.solving.solver import end_of_turn_ids, output_prompts, random_views, view_answer_ids
+from arc25_fast.training.model import is_random_init, load_base_model, resolve_dtype
 
 
 def synced(device: torch.device, fn):
@@ -77,8 +78,8 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, device)
     sections = set(args.sections.split(","))
     tokenizer = load_tokenizer(args.tokenizer)
-    encoder = build_encoder(tokenizer, DataConfig(tokenizer=args.tokenizer))
-    cfg = EvalConfig(tasks=args.tasks)
+    encoder = build_encoder(tokenizer, DataOptions(tokenizer=args.tokenizer))
+    cfg = SolveOptions()
     tasks = [t for t in load_tasks(args.tasks)[0] if t.test][:args.max_tasks]
     prompts = [output_prompts(cfg, t, encoder, None)[0][3] for t in tasks]
     if is_random_init(args.model):
@@ -123,7 +124,7 @@ def main() -> None:
     for task in tasks if "scoring" in sections else []:
         shape = task.train[0][1].shape
         grids = [rng.integers(0, 10, size=shape).astype(np.uint8) for _ in range(args.candidates)]
-        for k, cmap in random_views(cfg, args.views, Rng.for_block(0, 1, 2, 3)):
+        for k, cmap in random_views(cfg.views, args.views, Rng.for_block(0, 1, 2, 3)):
             prompt, answers = view_answer_ids(cfg, task, encoder, 0, grids, k, cmap)
             _, seconds = timed(lambda: decoding.score(model, prompt, answers, device))
             shared_s += seconds

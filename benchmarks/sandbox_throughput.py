@@ -16,10 +16,11 @@ import time
 
 import numpy as np
 
-from arc25_fast.isolation import NO_LAYERS, Layers
-from arc25_fast.rng import Rng
-from arc25_fast.sandbox import SandboxPool
-from arc25_fast.synthetic import SyntheticConfig, random_program_task, run_code
+from arc25_fast.data.options import SyntheticConfig
+from arc25_fast.data.synthetic import random_program_task, run_code
+from arc25_fast.runtime.rng import Rng
+from arc25_fast.sandbox.isolation import NO_LAYERS, Layers
+from arc25_fast.sandbox.pool import SandboxPool
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """What a training step costs beyond its arithmetic: the project's step (DeepSpeed or the local engine, full
 fine-tuning or LoRA) against a plain eager PyTorch step of the same model on the same tokens, with operators and
-host syncs counted per step (``arc25_fast.step_audit``) and, on a GPU, a profiler summary of one small step.
+host syncs counted per step (``arc25_fast.runtime.step_audit``) and, on a GPU, a profiler summary of one small step.
 
     python benchmarks/step_overhead.py --threads 1 --json docs/benchmarks/step_overhead_cpu.json   # CPU, tiny shape
     python benchmarks/step_overhead.py --model ../shared/fixtures/model-configs/qwen2.5-coder-0.5b-instruct.json \\
@@ -17,21 +17,23 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
 
 import torch
 
-from arc25_fast.config import DataConfig, TrainConfig
-from arc25_fast.engine import build_engine, init_distributed
-from arc25_fast.metrics import FlopModel, peak_flops
-from arc25_fast.model import add_adapter, load_base_model, resolve_dtype
-from arc25_fast.pipeline import build_encoder
-from arc25_fast.profile_training import FixedShapeSource
-from arc25_fast.sources import Mix
-from arc25_fast.step_audit import StepAudit
-from arc25_fast.stream import PackedStream, PackingConfig, to_torch
-from arc25_fast.tokenizer import load_tokenizer
-from arc25_fast.trainer import StepTimer, build_model, optimizer_step
+from arc25_fast.commands.configs import TrainConfig
+from arc25_fast.data.options import DataOptions, PackingConfig
+from arc25_fast.data.pipeline import build_encoder
+from arc25_fast.data.sources import Mix
+from arc25_fast.data.stream import PackedStream, to_torch
+from arc25_fast.data.tokenizer import load_tokenizer
+from arc25_fast.runtime.distributed import init_distributed
+from arc25_fast.runtime.options import configure
+from arc25_fast.runtime.step_audit import StepAudit
+from arc25_fast.training.engine import build_engine
+from arc25_fast.training.metrics import FlopModel, peak_flops
+from arc25_fast.training.model import add_adapter, load_base_model, resolve_dtype
+from arc25_fast.training.profiling import FixedShapeSource
+from arc25_fast.training.trainer import StepTimer, build_model, optimizer_step
 
 
 def sync(device: torch.device) -> None:
@@ -65,7 +67,8 @@ def padded(batch: dict, device: torch.device) -> dict:
 
 class EagerStep:
     def __init__(self, cfg: TrainConfig, vocab: int, device: torch.device):
-        base = load_base_model(cfg.model, vocab, resolve_dtype(cfg.dtype, device), "sdpa", cfg.data.seed).to(device)
+        dtype = resolve_dtype(cfg.model.dtype, device)
+        base = load_base_model(cfg.model.name, vocab, dtype, "sdpa", cfg.data.seed).to(device)
         self.model = add_adapter(base, cfg)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-5)
@@ -155,7 +158,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     tokenizer = load_tokenizer(args.tokenizer)
-    encoder = build_encoder(tokenizer, DataConfig(tokenizer=args.tokenizer, verify_samples=0))
+    encoder = build_encoder(tokenizer, DataOptions(tokenizer=args.tokenizer, verify_samples=0))
     report = {"command": " ".join(sys.argv), "device": str(device), "torch": torch.__version__,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                          + (torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"),
@@ -173,9 +176,9 @@ def main() -> None:
                         / args.steps)
     for mode in args.modes.split(","):
         for engine_name in args.engines.split(","):  # each model built once, measured at every budget
-            cfg = TrainConfig(model=args.model, lora=mode == "lora", dtype=args.dtype, lr=1e-5, warmup_steps=0,
-                              engine="local" if engine_name == "local" else "deepspeed",
-                              data=replace(DataConfig(), tokenizer=args.tokenizer))
+            cfg = configure(TrainConfig, model=args.model, lora=mode == "lora", dtype=args.dtype, lr=1e-5,
+                            warmup_steps=0, engine="local" if engine_name == "local" else "deepspeed",
+                            tokenizer=args.tokenizer)
             if engine_name == "eager":
                 step = EagerStep(cfg, len(tokenizer), device)
                 params, flops, backend = step.params, None, "sdpa (padded batch)"

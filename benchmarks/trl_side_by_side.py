@@ -46,17 +46,18 @@ def prepare(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from arc25_fast.config import DataConfig
-    from arc25_fast.encoding import TextEncoder
-    from arc25_fast.pipeline import build_pipeline, packing_config
-    from arc25_fast.prompts import Sample
-    from arc25_fast.rng import Rng
-    from arc25_fast.stream import PackedStream
-    from arc25_fast.tokenizer import render_prompt
+    from arc25_fast.commands.configs import DataConfig
+    from arc25_fast.data.encoding import TextEncoder
+    from arc25_fast.data.pipeline import build_pipeline
+    from arc25_fast.data.prompts import Sample
+    from arc25_fast.data.stream import PackedStream
+    from arc25_fast.data.tokenizer import render_prompt
+    from arc25_fast.runtime.options import configure
+    from arc25_fast.runtime.rng import Rng
 
     out = Path(args.out)
-    data = DataConfig(tokenizer=str(args.tokenizer), max_tokens=args.max_sample_tokens, verify_samples=50,
-                      seed=args.seed)
+    data = configure(DataConfig, tokenizer=str(args.tokenizer), max_tokens=args.max_sample_tokens, verify_samples=50,
+                     seed=args.seed)
     mix, encoder = build_pipeline(data)
     tok = encoder.tokenizer
     config = Qwen2Config(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.intermediate,
@@ -77,7 +78,7 @@ def prepare(args) -> None:
         enc = encoder.encode(sample)
         return {"prompt": prompt, "completion": completion[:end], "answer": answer, "tokens": len(enc)}
 
-    stream = PackedStream(mix, encoder, packing_config(data), args.seed)
+    stream = PackedStream(mix, encoder, data.packing, args.seed)
     train, uid = [], 0
     while len(train) < args.samples:
         sample = stream.draw(uid)
@@ -148,20 +149,21 @@ def run_trl(args) -> dict:
 
 
 def run_ours(args) -> dict:
-    from arc25_fast.config import DataConfig, TrainConfig
-    from arc25_fast.train import train
+    from arc25_fast.commands.configs import TrainConfig
+    from arc25_fast.commands.train import run as train
+    from arc25_fast.runtime.options import configure
 
     out = Path(args.out)
     info = json.loads((out / "samples.json").read_text())
     n, uids = len(info["train"]), info["uids_drawn"]
     # the same stream that drew the samples; enough steps to train at least as many samples (measured as it goes)
-    cfg = TrainConfig(data=DataConfig(tokenizer=str(args.tokenizer), max_tokens=args.max_tokens, verify_samples=0,
-                                      seed=args.seed, pack_buffer=64),
-                      model=str(out / "base"), output_dir=str(out / "runs" / "arc25-fast"), overwrite=True,
-                      lora_rank=LORA["r"], lora_alpha=LORA["lora_alpha"], lr=args.lr, warmup_steps=0,
-                      lr_schedule="constant", grad_accum=1, num_workers=0, threads=args.threads, eval_every=0,
-                      engine=args.engine,
-                      save_every=0, max_steps=max(2, math.ceil(sum(s["tokens"] for s in info["train"]) /
+    cfg = configure(TrainConfig, tokenizer=str(args.tokenizer), max_tokens=args.max_tokens, verify_samples=0,
+                    seed=args.seed, pack_buffer=64,
+                    model=str(out / "base"), output_dir=str(out / "runs" / "arc25-fast"), overwrite=True,
+                    lora_rank=LORA["r"], lora_alpha=float(LORA["lora_alpha"]), lr=args.lr, warmup_steps=0,
+                    lr_schedule="constant", grad_accum=1, num_workers=0, threads=args.threads, eval_every=0,
+                    engine=args.engine,
+                    save_every=0, max_steps=max(2, math.ceil(sum(s["tokens"] for s in info["train"]) /
                                                               args.max_tokens)))
     records = train(cfg)
     samples = sum(r["samples"] for r in records)
@@ -187,12 +189,12 @@ def first_batch_losses(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from arc25_fast.config import TrainConfig
-    from arc25_fast.encoding import EncodedSample
+    from arc25_fast.commands.configs import TrainConfig
+    from arc25_fast.data.encoding import EncodedSample
+    from arc25_fast.data.stream import micro_batch, to_torch
     from arc25_fast.kernels import attention
-    from arc25_fast.model import PackedCausalLM, add_adapter
-    from arc25_fast.stream import micro_batch, to_torch
-    from arc25_fast.validation import model_inputs
+    from arc25_fast.runtime.options import configure
+    from arc25_fast.training.model import PackedCausalLM, add_adapter, model_inputs
 
     out = Path(args.out)
     samples = json.loads((out / "samples.json").read_text())["train"][:4]
@@ -210,7 +212,8 @@ def first_batch_losses(args) -> dict:
         trl_loss = float(trainer.compute_loss(trainer.model, batch))
     ours_model = add_adapter(AutoModelForCausalLM.from_pretrained(out / "base",
                                                                   attn_implementation=attention.register("sdpa")),
-                             TrainConfig(lora_rank=LORA["r"], lora_alpha=LORA["lora_alpha"])).eval()
+                             configure(TrainConfig, lora_rank=LORA["r"],
+                                       lora_alpha=float(LORA["lora_alpha"]))).eval()
     encoded = []
     for s in samples:
         p = tok(s["prompt"], add_special_tokens=False)["input_ids"]
@@ -230,11 +233,10 @@ def validation_loss(args, adapter: str) -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from arc25_fast.encoding import EncodedSample
+    from arc25_fast.data.encoding import EncodedSample
+    from arc25_fast.data.stream import micro_batch, to_torch
     from arc25_fast.kernels import attention
-    from arc25_fast.model import PackedCausalLM
-    from arc25_fast.stream import micro_batch, to_torch
-    from arc25_fast.validation import model_inputs
+    from arc25_fast.training.model import PackedCausalLM, model_inputs
 
     out = Path(args.out)
     val = json.loads((out / "samples.json").read_text())["val"]

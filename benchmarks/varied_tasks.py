@@ -1,5 +1,5 @@
 """An independent test set of drawing tasks on varied canvases, made apart from the training generator
-(``arc25_fast.synthetic`` is not imported): every demo input has its own size and its own one-colour background,
+(``arc25_fast.data.synthetic`` is not imported): every demo input has its own size and its own one-colour background,
 never the drawn colour, and every call is visible in every demo. Written as a Kaggle challenges/solutions pair, so
 ``evaluate --tasks kaggle:PATH`` and ``search-and-learn --tasks kaggle:PATH`` read it like any ARC set.
 

@@ -1,6 +1,6 @@
 """Write ARC grids directly as token ids.
 
-A grid format is compiled (see ``arc25_fast.grid_formats``) into one int32 table:
+A grid format is compiled (see ``arc25_fast.data.grid_formats``) into one int32 table:
 
     [0:10]   token id of each digit 0..9
     [10]     1 if the body starts with the shape ``H x W`` header digits

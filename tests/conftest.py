@@ -5,7 +5,7 @@ import pytest
 from click.testing import CliRunner
 
 from arc25_fast.cli import main
-from arc25_fast.tokenizer import load_tokenizer
+from arc25_fast.data.tokenizer import load_tokenizer
 
 QWEN2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "qwen2-tokenizer"
 
@@ -37,7 +37,7 @@ def busy_core(capsys):
     import sys
     import time
 
-    from arc25_fast.threads import set_threads
+    from arc25_fast.runtime.threads import set_threads
 
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -52,7 +52,7 @@ def busy_core(capsys):
 
 @pytest.fixture(scope="session")
 def default_mix():
-    from arc25_fast.sources import default_mix
+    from arc25_fast.data.sources import default_mix
 
     return default_mix()
 

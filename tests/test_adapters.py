@@ -11,10 +11,10 @@ from test_reference_kernels import per_sample_reference
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from arc25_fast.cli import main
-from arc25_fast.config import ConfigError, TrainConfig
+from arc25_fast.commands.configs import TrainConfig
 from arc25_fast.kernels import attention
-from arc25_fast.model import ModelError, PackedCausalLM, add_adapter, model_from_config
-from arc25_fast.validation import model_inputs
+from arc25_fast.runtime.options import ConfigError, configure
+from arc25_fast.training.model import ModelError, PackedCausalLM, add_adapter, model_from_config, model_inputs
 
 CPU = torch.device("cpu")
 
@@ -35,8 +35,9 @@ def randomise_adapter(model) -> None:
 
 @pytest.fixture(scope="module")
 def batch(default_mix, tiny_tokenizer):
-    from arc25_fast.encoding import FastEncoder
-    from arc25_fast.stream import PackedStream, PackingConfig, to_torch
+    from arc25_fast.data.encoding import FastEncoder
+    from arc25_fast.data.options import PackingConfig
+    from arc25_fast.data.stream import PackedStream, to_torch
 
     stream = PackedStream(default_mix, FastEncoder(tiny_tokenizer), PackingConfig(max_tokens=2000, buffer_size=24),
                           seed=6)
@@ -45,7 +46,7 @@ def batch(default_mix, tiny_tokenizer):
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_lora_on_head_and_embeddings_trains_the_exact_loss(batch, tiny_tokenizer, tied):
-    cfg = TrainConfig(lora_targets="all", lora_rank=4)
+    cfg = configure(TrainConfig, lora_targets="all", lora_rank=4)
     model = add_adapter(small_model(tied, len(tiny_tokenizer)), cfg)
     randomise_adapter(model)
     lm = model.get_base_model()
@@ -79,16 +80,16 @@ def test_lora_on_head_and_embeddings_trains_the_exact_loss(batch, tiny_tokenizer
 
 def test_dora_on_the_head_and_foreign_adapters_are_refused(tmp_path, tiny_tokenizer):
     with pytest.raises(ConfigError, match="dora on .*lm_head.* vocabulary-sized merged weight"):
-        add_adapter(small_model(False, len(tiny_tokenizer)), TrainConfig(lora_targets="all", lora_variant="dora"))
+        add_adapter(small_model(False, len(tiny_tokenizer)), configure(TrainConfig, lora_targets="all", lora_variant="dora"))
     base = small_model(False, len(tiny_tokenizer))
     saved = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
     saved.save_pretrained(tmp_path / "mts")
     with pytest.raises(ModelError, match="modules_to_save"):
-        add_adapter(small_model(False, len(tiny_tokenizer)), TrainConfig(adapter=str(tmp_path / "mts")))
+        add_adapter(small_model(False, len(tiny_tokenizer)), configure(TrainConfig, adapter=str(tmp_path / "mts")))
     other = small_model(False, len(tiny_tokenizer) + 64)  # a base of another vocabulary size
     get_peft_model(other, LoraConfig(r=4, target_modules=["lm_head"])).save_pretrained(tmp_path / "other")
     with pytest.raises(ModelError, match="does not fit model"):
-        add_adapter(small_model(False, len(tiny_tokenizer)), TrainConfig(adapter=str(tmp_path / "other")))
+        add_adapter(small_model(False, len(tiny_tokenizer)), configure(TrainConfig, adapter=str(tmp_path / "other")))
 
 
 @pytest.fixture(scope="module")

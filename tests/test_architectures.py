@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig
 
 from arc25_fast.kernels import attention
-from arc25_fast.model import ModelError, PackedCausalLM, check_packed_model, model_from_config
+from arc25_fast.training.model import ModelError, PackedCausalLM, check_packed_model, model_from_config
 
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURES.md"
 ROWS = [m.groups() for m in re.finditer(r"^\| (\w+) \| (supported|refused) \| ([^|]*)\|$", TABLE.read_text(), re.M)]

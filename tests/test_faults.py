@@ -15,7 +15,7 @@ import psutil
 import pytest
 import torch
 
-from arc25_fast.faults import EXIT_NON_FINITE, EXIT_PREEMPTED
+from arc25_fast.runtime.faults import EXIT_NON_FINITE, EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--max-tokens", "1024", "--pack-buffer", "64", "--verify-samples", "0", "--eval-every", "0", "--threads", "1",

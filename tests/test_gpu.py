@@ -5,8 +5,7 @@ import torch
 from test_reference_kernels import per_sample_reference
 
 from arc25_fast.kernels import attention
-from arc25_fast.model import PackedCausalLM, load_base_model
-from arc25_fast.validation import model_inputs
+from arc25_fast.training.model import PackedCausalLM, load_base_model, model_inputs
 
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run scripts/gpu_check.sh on one)")
@@ -65,8 +64,9 @@ def test_torch_varlen_equals_per_sequence_sdpa_in_bf16(window):
 def test_packed_equals_per_sample_in_bf16(default_mix, tiny_tokenizer, backend):
     if backend not in attention.available_backends(torch.device("cuda")):
         pytest.skip(f"{backend} is not installed")
-    from arc25_fast.encoding import FastEncoder
-    from arc25_fast.stream import PackedStream, PackingConfig, to_torch
+    from arc25_fast.data.encoding import FastEncoder
+    from arc25_fast.data.options import PackingConfig
+    from arc25_fast.data.stream import PackedStream, to_torch
 
     stream = PackedStream(default_mix, FastEncoder(tiny_tokenizer), PackingConfig(max_tokens=4000, buffer_size=32),
                           seed=3)

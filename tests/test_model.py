@@ -4,15 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arc25_fast.config import DataConfig, TrainConfig
-from arc25_fast.encoding import FastEncoder
-from arc25_fast.engine import build_engine, init_distributed
+from arc25_fast.commands.configs import TrainConfig
+from arc25_fast.data.encoding import FastEncoder
+from arc25_fast.data.options import PackingConfig
+from arc25_fast.data.stream import PackedStream, micro_batch, to_torch
 from arc25_fast.kernels import attention
 from arc25_fast.kernels.loss import chunked_cross_entropy
-from arc25_fast.model import PackedCausalLM, load_base_model
-from arc25_fast.stream import PackedStream, PackingConfig, micro_batch, to_torch
-from arc25_fast.trainer import build_model, optimizer_step
-from arc25_fast.validation import model_inputs
+from arc25_fast.runtime.distributed import init_distributed
+from arc25_fast.runtime.options import configure
+from arc25_fast.training.engine import build_engine
+from arc25_fast.training.model import PackedCausalLM, load_base_model, model_inputs
+from arc25_fast.training.trainer import build_model, optimizer_step
 
 CPU = torch.device("cpu")
 
@@ -100,12 +102,12 @@ def test_step_is_the_same_for_1_or_4_micro_batches(default_mix, tiny_tokenizer):
     whole = micro_batch([s for uid in np.concatenate([q["uids"] for q in quarters])
                          for s in [stream.encoder.encode(stream.draw(int(uid)))]])
     whole = to_torch(whole)
-    cfg = TrainConfig(data=DataConfig(max_tokens=6000), lora=False, lr=1e-2, grad_clip=0.0)
+    cfg = configure(TrainConfig, max_tokens=6000, lora=False, lr=1e-2, grad_clip=0.0)
     results = []
     for micro, grad_accum in (([whole], 1), (quarters, 4)):
         _, packed, _ = build_model(cfg, len(tiny_tokenizer), CPU)
         engine, _ = build_engine(cfg, packed, CPU, grad_accum, world=1)
-        stats = optimizer_step(engine, micro, cfg.lr, CPU, world=1)
+        stats = optimizer_step(engine, micro, cfg.optim.lr, CPU, world=1)
         norm = float(engine.get_global_grad_norm())
         results.append((stats["loss"], norm, [p.detach().clone() for p in packed.parameters()]))
     (loss_1, norm_1, weights_1), (loss_4, norm_4, weights_4) = results
@@ -129,17 +131,17 @@ def test_a_non_finite_step_changes_no_weight_and_no_optimizer_state(default_mix,
                           seed=4)
     it = iter(stream)
     good, poisoned = to_torch(next(it)), to_torch(next(it))
-    cfg = TrainConfig(data=DataConfig(max_tokens=1500), lr=1e-2)
+    cfg = configure(TrainConfig, max_tokens=1500, lr=1e-2)
     _, packed, _ = build_model(cfg, len(tiny_tokenizer), CPU)
     engine, _ = build_engine(cfg, packed, CPU, 1, world=1)
-    first = optimizer_step(engine, [good], cfg.lr, CPU, world=1)
+    first = optimizer_step(engine, [good], cfg.optim.lr, CPU, world=1)
     assert np.isfinite(first["loss"]) and np.isfinite(first["grad_norm"])
     weights = {n: p.detach().clone() for n, p in packed.named_parameters() if p.requires_grad}
     state = _flat_state(engine.optimizer.state_dict())
     assert any(v.abs().sum() > 0 for k, v in state.items() if "exp_avg" in k)  # Adam has moments to keep
     with torch.no_grad():  # a real overflow: a frozen embedding row the batch uses becomes inf
         packed.causal_lm.get_input_embeddings().weight[int(poisoned["input_ids"][0, 5])] = float("inf")
-    second = optimizer_step(engine, [poisoned], cfg.lr, CPU, world=1)
+    second = optimizer_step(engine, [poisoned], cfg.optim.lr, CPU, world=1)
     assert not (np.isfinite(second["loss"]) and np.isfinite(second["grad_norm"]))
     for name, p in packed.named_parameters():
         if p.requires_grad:
@@ -181,7 +183,7 @@ def test_fused_linear_cross_entropy_equals_autograd(trainable, bias, scale, soft
 def test_the_adapter_init_is_seeded_for_a_saved_base_model(tiny_tokenizer, tmp_path):
     """A base model loaded from disk draws no seeded random numbers of its own: LoRA A must still start the same."""
     load_base_model("tiny", len(tiny_tokenizer), torch.float32, "sdpa", 0).save_pretrained(tmp_path / "base")
-    cfg = TrainConfig(model=str(tmp_path / "base"))
+    cfg = configure(TrainConfig, model=str(tmp_path / "base"))
     torch.manual_seed(123)  # whatever ran before
     first = {n: p.detach().clone() for n, p in build_model(cfg, len(tiny_tokenizer), CPU)[1].named_parameters()
              if p.requires_grad}

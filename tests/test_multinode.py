@@ -16,8 +16,8 @@ import psutil
 import pytest
 import torch
 
-from arc25_fast.model import load_base_model
-from arc25_fast.tokenizer import load_tokenizer
+from arc25_fast.data.tokenizer import load_tokenizer
+from arc25_fast.training.model import load_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow,

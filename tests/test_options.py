@@ -14,8 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from arc25_fast.cli import main
-from arc25_fast.config import ConfigError, DataConfig, TrainConfig, resolve
-from arc25_fast.extensions import build_op, lock_holders, use_private_extensions_dir
+from arc25_fast.commands.configs import DataConfig, EvalConfig, ProfileConfig, SearchConfig, TrainConfig, TTTConfig
+from arc25_fast.runtime.extensions import build_op, lock_holders, use_private_extensions_dir
+from arc25_fast.runtime.options import ConfigError, configure, options, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--max-tokens", "1024", "--verify-samples", "0", "--eval-every", "0", "--num-workers", "0"]
@@ -89,13 +90,13 @@ def test_a_failed_start_leaves_no_output_directory(tmp_path):
 def test_default_lora_targets_follow_the_architecture():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from arc25_fast.model import ModelError, add_adapter, lora_targets
+    from arc25_fast.training.model import ModelError, add_adapter, lora_targets
 
     neox = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                             intermediate_size=64, vocab_size=100))
     assert lora_targets("attention", neox) == ["query_key_value", "dense"]
     assert lora_targets("attention+mlp", neox) == ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
-    model = add_adapter(neox, TrainConfig(model="tiny"))  # the default, --lora-targets attention
+    model = add_adapter(neox, configure(TrainConfig, model="tiny"))  # the default, --lora-targets attention
     assert any("query_key_value.lora_A" in n for n, _ in model.named_parameters())
     llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                          intermediate_size=64, vocab_size=100))
@@ -150,9 +151,10 @@ def test_command_line_overrides_the_file_and_types_are_kept(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("max_steps: 5\nlr: 1\ndata:\n  max_tokens: 2048\n  task_sources: [synthetic]\n")
     cfg = resolve(TrainConfig, str(path), {"max_steps": 7, "seed": 3})
-    assert cfg.max_steps == 7 and cfg.lr == 1.0 and isinstance(cfg.lr, float)
-    assert cfg.data.max_tokens == 2048 and cfg.data.seed == 3 and cfg.data.task_sources == ["synthetic"]
-    assert resolve(DataConfig, str(path), {}).max_tokens == 2048  # the data commands read the data section
+    assert cfg.optim.max_steps == 7 and cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.packing.max_tokens == 2048 and cfg.data.seed == 3 and cfg.sources.task_sources == ["synthetic"]
+    # the data commands read the data options of a file written for training
+    assert resolve(DataConfig, str(path), {}, (TrainConfig,)).packing.max_tokens == 2048
     with pytest.raises(ConfigError, match="--max-steps: expected an integer, got True"):
         resolve(TrainConfig, None, {"max_steps": True})
 
@@ -200,7 +202,7 @@ def test_her_line_with_a_raw_line_separator_is_valid(tmp_path):
     path.write_text(json.dumps({"inputs": [[[1]]], "outputs": [[[1]]], "code": code}, ensure_ascii=False) + "\n",
                     encoding="utf-8")
     assert "\u2028" in path.read_text(encoding="utf-8")
-    from arc25_fast.tasks import load_her
+    from arc25_fast.data.tasks import load_her
 
     tasks, report = load_her(path)
     assert len(tasks) == 1 and tasks[0].code == code and not report.skipped
@@ -283,4 +285,32 @@ def test_a_run_survives_a_build_that_died_while_it_waited(tmp_path, monkeypatch,
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_file_resolves(path):
     cfg = resolve(TrainConfig, str(path), {})
-    assert cfg.data.task_sources and cfg.max_steps >= 1
+    assert cfg.sources.task_sources and cfg.optim.max_steps >= 1
+
+
+COMMAND_CONFIGS = (TrainConfig, TTTConfig, SearchConfig, EvalConfig, ProfileConfig, DataConfig)
+
+
+@pytest.mark.parametrize("cls", COMMAND_CONFIGS, ids=lambda c: c.__name__)
+def test_command_configs_are_composed_of_parts_with_options_declared_once(cls):
+    """No config inherits another's fields; every option name belongs to one part; the same part class (with its
+    help text) serves every command that has it."""
+    assert cls.__bases__ == (object,)
+    opts = options(cls)  # raises on a name two parts declare
+    for opt in opts.values():
+        assert opt.help and opt.flag.startswith("--")
+    for other in COMMAND_CONFIGS:
+        for name in set(opts) & set(options(other)):
+            assert options(other)[name].spec is opts[name].spec, name
+
+
+def test_a_file_may_group_options_under_a_part_name_but_not_invent_any(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 0.5\nlora_rank: 4\n")
+    cfg = resolve(TrainConfig, str(path), {})
+    assert cfg.optim.lr == 0.5 and cfg.lora.rank == 4
+    path.write_text("optim:\n  lr_typo: 0.5\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: optim.lr_typo: unknown option 'lr_typo'"):
+        resolve(TrainConfig, str(path), {})
+    with pytest.raises(ConfigError, match="unknown option 'eval_every'"):  # a train option ttt does not have
+        configure(TTTConfig, eval_every=3)

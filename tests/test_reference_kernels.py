@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from test_architectures import tiny_model
 
+from arc25_fast.data.options import PackingConfig
+from arc25_fast.data.stream import PackedStream, to_torch
 from arc25_fast.kernels import attention, reference
-from arc25_fast.model import ModelError, PackedCausalLM, check_packed_model, load_base_model
-from arc25_fast.stream import PackedStream, PackingConfig, to_torch
-from arc25_fast.validation import model_inputs
+from arc25_fast.training.model import ModelError, PackedCausalLM, check_packed_model, load_base_model, model_inputs
 
 CPU = torch.device("cpu")
 
@@ -65,7 +65,7 @@ def test_reference_matches_causal_sdpa_per_segment():
 
 @pytest.fixture(scope="module")
 def real_batch(default_mix, tiny_tokenizer):
-    from arc25_fast.encoding import FastEncoder
+    from arc25_fast.data.encoding import FastEncoder
 
     stream = PackedStream(default_mix, FastEncoder(tiny_tokenizer), PackingConfig(max_tokens=2500, buffer_size=24),
                           seed=3)

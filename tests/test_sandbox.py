@@ -9,9 +9,10 @@ import numpy as np
 import psutil
 import pytest
 
-from arc25_fast.rng import Rng
-from arc25_fast.sandbox import Limits, SandboxPool
-from arc25_fast.synthetic import SyntheticConfig, random_program_task
+from arc25_fast.data.options import SyntheticConfig
+from arc25_fast.data.synthetic import random_program_task
+from arc25_fast.runtime.rng import Rng
+from arc25_fast.sandbox.pool import Limits, SandboxPool
 
 IMG = [np.array([[1, 2], [3, 4]], dtype=np.uint8)]
 GOOD = "def task(img):\n    return img[::-1]"
@@ -75,7 +76,7 @@ def test_misbehaving_program_fails_alone(pool, case):
     assert message in (result.error or "") + " ".join(e or "" for e in result.errors), result
     assert not Path("/tmp/arc25-sandbox-escape").exists() and Path("/etc/hostname").exists()
     time.sleep(0.2)
-    leftovers = [p for p in psutil.process_iter() if p.pid not in before and "arc25_fast.sandbox" not in
+    leftovers = [p for p in psutil.process_iter() if p.pid not in before and "arc25_fast.sandbox.pool" not in
                  " ".join(p.cmdline() if p.is_running() else [])]
     assert not [p for p in leftovers if p.ppid() in {w.proc.pid for w in pool._workers}], leftovers
 

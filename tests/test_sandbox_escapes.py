@@ -22,8 +22,8 @@ import numpy as np
 import psutil
 import pytest
 
-from arc25_fast.isolation import Layers, SandboxUnavailable, detect, resolve
-from arc25_fast.sandbox import Limits, RunResult, SandboxPool, empty_dir
+from arc25_fast.sandbox.isolation import Layers, SandboxUnavailable, detect, resolve
+from arc25_fast.sandbox.pool import Limits, RunResult, SandboxPool, empty_dir
 
 LIMITS = Limits(call_seconds=1.0, cpu_seconds=5, memory_bytes=512 << 20)
 IMG = [np.array([[1, 2], [3, 4]], dtype=np.uint8)]
@@ -318,7 +318,7 @@ def test_cleanup_survives_a_very_deep_tree(pools, tmp_path):
 
 def test_a_missing_layer_is_refused_in_one_line_unless_unsafe(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")  # no bubblewrap to be found
-    from arc25_fast import isolation
+    from arc25_fast.sandbox import isolation
 
     isolation.bwrap_problem.cache_clear()
     try:

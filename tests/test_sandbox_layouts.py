@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from arc25_fast.isolation import detect
+from arc25_fast.sandbox.isolation import detect
 
 ROOT = Path(__file__).resolve().parent.parent
 missing = {k: v for k, v in detect().items() if v is not True and k != "landlock_abi"}
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(bool(missing), reason=f"this machine lacks sandb
 CHILD = r'''
 import json, sys
 import numpy as np
-from arc25_fast.sandbox import Limits, SandboxPool
+from arc25_fast.sandbox.pool import Limits, SandboxPool
 secret, port = sys.argv[1], int(sys.argv[2])
 programs = {
     "good": "def task(img):\n    return img[::-1]",

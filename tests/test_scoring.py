@@ -3,13 +3,22 @@ ranking rule, voting under augmentations, and Kaggle's submission format."""
 import numpy as np
 import pytest
 
-from arc25_fast.grid_formats import grid_format
-from arc25_fast.grids import dihedral, random_color_map
-from arc25_fast.rng import Rng
-from arc25_fast.sandbox import SandboxPool
-from arc25_fast.scoring import Candidate, extract_code, inverse_transform, parse_grid, rank, score_task, submission_entry
-from arc25_fast.synthetic import SyntheticConfig, random_program_task
-from arc25_fast.tasks import Task
+from arc25_fast.data.grid_formats import grid_format
+from arc25_fast.data.grids import dihedral, random_color_map
+from arc25_fast.data.options import SyntheticConfig
+from arc25_fast.data.synthetic import random_program_task
+from arc25_fast.data.tasks import Task
+from arc25_fast.runtime.rng import Rng
+from arc25_fast.sandbox.pool import SandboxPool
+from arc25_fast.solving.scoring import (
+    Candidate,
+    extract_code,
+    inverse_transform,
+    parse_grid,
+    rank,
+    score_task,
+    submission_entry,
+)
 
 FORMATS = ["shape+row-numbers+minimal", "minimal", "row-numbers+spaced", "shape+spaced", "spaced"]
 

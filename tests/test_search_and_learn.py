@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from conftest import invoke
 
-from arc25_fast.search_and_learn import pixel_accuracy, select_hindsight
-from arc25_fast.sources import load_tasks
-from arc25_fast.synthetic import SyntheticConfig, run_code, synthetic_tasks
-from arc25_fast.task_queue import TaskQueue
-from arc25_fast.tasks import Task
+from arc25_fast.commands.search_and_learn import pixel_accuracy, select_hindsight
+from arc25_fast.data.options import SyntheticConfig
+from arc25_fast.data.sources import load_tasks
+from arc25_fast.data.synthetic import run_code, synthetic_tasks
+from arc25_fast.data.tasks import Task
+from arc25_fast.runtime.task_queue import TaskQueue
 
 SMALL = ["--synthetic-max-calls", "1", "--synthetic-min-side", "3", "--synthetic-max-side", "6",
          "--synthetic-noise", "0"]
@@ -51,7 +52,7 @@ def test_synthetic_task_sets_are_seeded_and_their_programs_produce_their_outputs
 
 def _claim_in_child(out: Path, task_ids: list[str]) -> subprocess.Popen:
     """A process that claims a task, says so, and waits to be killed."""
-    code = ("import sys, time; from pathlib import Path; from arc25_fast.task_queue import TaskQueue\n"
+    code = ("import sys, time; from pathlib import Path; from arc25_fast.runtime.task_queue import TaskQueue\n"
             f"q = TaskQueue(Path({str(out)!r}), {task_ids!r}, lambda t: False)\n"
             "print(q.claim(), flush=True); time.sleep(600)")
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -75,7 +76,7 @@ def test_queue_skips_live_claims_and_finished_tasks_and_retakes_a_killed_owners_
 
 
 def test_queue_claims_of_another_machine_expire_without_a_heartbeat(tmp_path):
-    from arc25_fast import task_queue
+    from arc25_fast.runtime import task_queue
 
     (tmp_path / "queue").mkdir()
     claim = tmp_path / "queue" / "a.claim"

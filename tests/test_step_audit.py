@@ -1,17 +1,20 @@
 """The fixed cost of a step, pinned on the CPU: host syncs and operators of a training step and of a decode step
-(``arc25_fast.step_audit``), and the local engine's steps equal to DeepSpeed's (same losses, same weights)."""
+(``arc25_fast.runtime.step_audit``), and the local engine's steps equal to DeepSpeed's (same losses, same weights)."""
 import numpy as np
 import pytest
 import torch
 
-from arc25_fast import decoding
-from arc25_fast.config import DataConfig, TrainConfig
-from arc25_fast.engine import build_engine, init_distributed
-from arc25_fast.local_engine import LocalEngine
-from arc25_fast.model import load_base_model
-from arc25_fast.step_audit import StepAudit
-from arc25_fast.stream import PackedStream, PackingConfig, to_torch
-from arc25_fast.trainer import build_model, optimizer_step, snapshot
+from arc25_fast.commands.configs import TrainConfig
+from arc25_fast.data.options import PackingConfig
+from arc25_fast.data.stream import PackedStream, to_torch
+from arc25_fast.runtime.distributed import init_distributed
+from arc25_fast.runtime.options import configure
+from arc25_fast.runtime.step_audit import StepAudit
+from arc25_fast.solving import decoding
+from arc25_fast.training.engine import build_engine
+from arc25_fast.training.local_engine import LocalEngine
+from arc25_fast.training.model import load_base_model
+from arc25_fast.training.trainer import build_model, optimizer_step, snapshot
 
 CPU = torch.device("cpu")
 # measured on the tiny model (2 layers), one micro-batch of 2 samples; a change that adds operators per step fails here
@@ -20,7 +23,7 @@ OPS_CEILING = {("local", "full"): 1160, ("local", "lora"): 1390}  # measured 110
 
 @pytest.fixture(scope="module")
 def micro_batches(default_mix, tiny_tokenizer):
-    from arc25_fast.encoding import FastEncoder
+    from arc25_fast.data.encoding import FastEncoder
 
     init_distributed("cpu")
     stream = iter(PackedStream(default_mix, FastEncoder(tiny_tokenizer), PackingConfig(max_tokens=1200,
@@ -30,8 +33,7 @@ def micro_batches(default_mix, tiny_tokenizer):
 
 def engine_of(kind: str, lora: bool, tokenizer, grad_clip: float = 1.0):
     torch.manual_seed(0)
-    cfg = TrainConfig(lora=lora, dtype="fp32", engine=kind, lr=1e-3, grad_clip=grad_clip,
-                      data=DataConfig(tokenizer="tiny"))
+    cfg = configure(TrainConfig, lora=lora, dtype="fp32", engine=kind, lr=1e-3, grad_clip=grad_clip, tokenizer="tiny")
     _, packed, _ = build_model(cfg, len(tokenizer), CPU)
     return build_engine(cfg, packed, CPU, 1, 1)[0], packed
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from arc25_fast.rng import Rng
-from arc25_fast.synthetic import DSL, SyntheticConfig, draw_line, random_program_task, run_code
+from arc25_fast.data.options import SyntheticConfig
+from arc25_fast.data.synthetic import DSL, draw_line, random_program_task, run_code
+from arc25_fast.runtime.rng import Rng
 
 ROOT = Path(__file__).resolve().parents[1]
 

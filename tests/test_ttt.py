@@ -16,9 +16,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from arc25_fast.cli import main
-from arc25_fast.rng import Rng
-from arc25_fast.sources import Augmentation, LeaveOneOutSource
-from arc25_fast.tasks import Task
+from arc25_fast.data.options import Augmentation
+from arc25_fast.data.sources import LeaveOneOutSource
+from arc25_fast.data.tasks import Task
+from arc25_fast.runtime.rng import Rng
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +80,7 @@ def test_one_adapter_per_task_that_loads_and_a_summary(ttt_run):
     out = root / "out"
     summary = json.loads((out / "ttt_summary.json").read_text())
     assert summary["tasks_done"] == 3 and summary["tasks_per_hour_per_process"] > 0
-    assert json.loads((out / "config.json").read_text())["config"]["tasks"].startswith("kaggle:")
+    assert json.loads((out / "config.json").read_text())["config"]["tasks"]["source"].startswith("kaggle:")
     base = AutoModelForCausalLM.from_pretrained(str(out / "base_model"))
     ids = torch.randint(0, 400, (1, 30))
     with torch.no_grad():

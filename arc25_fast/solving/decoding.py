@@ -1,0 +1,244 @@
+"""Decoding on a Hugging Face model without recomputed prompts or padded prefills.
+
+- ``sample``: each prompt is prefilled once, alone (no padding), and its KV cache is shared by its K samples; the
+  K x B rows of up to B prompts of close lengths then decode together on a cache left-padded only where those
+  lengths differ (padding costs attention over a few cache positions, never a prefill), each row stopping on its own
+  and leaving the batch. Each row draws from its own generator, seeded by (seed, prompt, sample index): the same seed
+  gives the same samples whatever the batch size or the order of the prompts.
+- ``dfs``: every completion whose probability is at least ``min_prob``, most probable first, by depth-first search
+  on one KV cache (extended for a child, cropped back for its sibling), as the ARChitects and NVARC decode grids.
+- ``score``: the log-probability of given answers after a prompt; the prompt is prefilled once and its cache shared
+  by all the answers (augmentation re-scoring, the "product of experts").
+
+Why a prompt alone rather than packed prompts: ARC prompts are long (2-9k tokens) and a batch holds few distinct
+prompts (one per test input and view), so one prompt already fills the device's matrix units; packing would need a
+varlen kernel in the generation path for little gain. The decode, where batching matters, is batched.
+"""
+import hashlib
+import inspect
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Generated:
+    """One sampled answer: its text, its token count, and (depth-first search) its log-probability."""
+
+    text: str
+    tokens: int
+    logprob: float | None = None  # the completion's log-probability (depth-first search)
+
+
+@dataclass
+class Candidate:
+    tokens: list[int]  # the completion, its stop token included
+    logprob: float
+
+
+def _lm(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supports(model) -> str | None:
+    """Why this model cannot use these decoders (falls back to ``generate``), or None."""
+    config = _lm(model).config
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []) or \
+            getattr(config, "use_sliding_window", False):
+        return "sliding-window attention layers"
+    return None
+
+
+def _forward(model, ids: torch.Tensor, cache, positions: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None):
+    """One forward with a KV cache (transformers names it ``cache`` or ``past_key_values``); (logits, cache)."""
+    from transformers import DynamicCache
+
+    name = "cache" if "cache" in inspect.signature(_lm(model).forward).parameters else "past_key_values"
+    cache = DynamicCache() if cache is None else cache
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{name: cache})
+    return out.logits.float(), getattr(out, "cache", None) or out.past_key_values
+
+
+def row_generator(seed: int, prompt: list[int], k: int, device: torch.device) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}|{k}|".encode() + bytes(memoryview(torch.tensor(prompt, dtype=torch.int64)
+                                                                         .numpy()))).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generators: list[torch.Generator]) -> list[int]:
+    """One token per row: greedy at temperature 0, else nucleus sampling with each row's own generator."""
+    if temperature <= 0:
+        return logits.argmax(-1).tolist()
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set reaching top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
+    # each row draws from its own generator (the same samples whatever the batch); one read of all rows' tokens
+    return torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generators)]).tolist()
+
+
+@torch.no_grad()
+def sample(model, prompts: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int,
+           stop_ids: list[int], seed: int, batch_size: int, device: torch.device) -> list[list[list[int]]]:
+    """``n`` completions (token ids, stop token excluded) per prompt. Prompts decode together in groups of at most
+    ``batch_size`` whose lengths are close (within a quarter, or 64 tokens), so the shared cache is padded little."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and len(groups[-1]) < batch_size and len(prompts[i]) <= 1.25 * len(prompts[groups[-1][0]]) + 64:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    out: list[list[list[int]]] = [[] for _ in prompts]
+    for group in groups:
+        drawn = _sample_batch(model, [prompts[i] for i in group], n, temperature, top_p, max_new_tokens,
+                              set(stop_ids), seed, device)
+        for i, samples in zip(group, drawn):
+            out[i] = samples
+    return out
+
+
+def _sample_batch(model, prompts, n, temperature, top_p, max_new_tokens, stop, seed, device):
+    from transformers import DynamicCache
+
+    caches, first = [], []
+    for p in prompts:  # each prompt prefilled once, alone
+        logits, cache = _forward(model, torch.tensor([p], device=device), None)
+        caches.append(cache)
+        first.append(logits[0, -1])
+    lengths = [len(p) for p in prompts]
+    width = max(lengths)
+    rows = [(i, k) for i in range(len(prompts)) for k in range(n)]
+    joint = DynamicCache()
+    for layer in range(len(caches[0].layers)):
+        keys, values = caches[0].layers[layer].keys, caches[0].layers[layer].values
+        shape = (len(rows), keys.shape[1], width, keys.shape[3])
+        k_all, v_all = keys.new_zeros(shape), values.new_zeros(shape)
+        for r, (i, _) in enumerate(rows):  # right-aligned: the prompts' ends meet the decoded tokens
+            k_all[r, :, width - lengths[i]:] = caches[i].layers[layer].keys[0]
+            v_all[r, :, width - lengths[i]:] = caches[i].layers[layer].values[0]
+        joint.update(k_all, v_all, layer)
+    del caches
+    # no mask when no row is padded: transformers reads an all-ones mask back to skip it (a sync a step)
+    mask = torch.tensor([[0] * (width - lengths[i]) + [1] * lengths[i] for i, _ in rows], device=device) \
+        if min(lengths) < width else None
+    generators = [row_generator(seed, prompts[i], k, device) for i, k in rows]
+    tokens = _pick(torch.stack([first[i] for i, _ in rows]), temperature, top_p, generators)
+    done: list[list[int]] = [[] for _ in rows]
+    active = list(range(len(rows)))
+    for step in range(max_new_tokens):
+        keep = []
+        for a, (r, t) in enumerate(zip(active, tokens)):
+            if t in stop:
+                continue
+            done[r].append(t)
+            if step + 1 < max_new_tokens:
+                keep.append(a)
+        if not keep:
+            break
+        if len(keep) < len(active):  # finished rows leave the batch
+            index = torch.tensor(keep, device=device)
+            joint.batch_select_indices(index)
+            mask = None if mask is None else mask[index]
+            active = [active[a] for a in keep]
+            tokens = [tokens[a] for a in keep]
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+        positions = torch.tensor([[lengths[rows[r][0]] + step] for r in active], device=device)
+        logits, joint = _forward(model, torch.tensor([[t] for t in tokens], device=device), joint, positions, mask)
+        tokens = _pick(logits[:, -1], temperature, top_p, [generators[r] for r in active])
+    return [[done[i * n + k] for k in range(n)] for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def dfs(model, prompt: list[int], stop_ids: list[int], min_prob: float, max_new_tokens: int,
+        max_candidates: int = 0, max_seconds: float = 0.0, device: torch.device = torch.device("cpu")
+        ) -> tuple[list[Candidate], bool]:
+    """Every completion ending in a stop token with probability >= ``min_prob`` (at temperature 1), most probable
+    first; and whether the search was complete (not cut by ``max_candidates`` or ``max_seconds``)."""
+    stop, floor = set(stop_ids), math.log(min_prob)
+    started = time.perf_counter()
+    logits, cache = _forward(model, torch.tensor([prompt], device=device), None)
+    found: list[Candidate] = []
+    complete = True
+    # each frame: (log-probabilities of the next token, cache length, tokens so far, log-probability so far)
+    stack = [(torch.log_softmax(logits[0, -1], -1), len(prompt), [], 0.0)]
+    children: list[list[tuple[int, float]]] = []
+    while stack:
+        if len(children) < len(stack):  # a new frame: its children above the floor, most probable first
+            lp, _, _, total = stack[-1]
+            allowed = (lp + total >= floor).nonzero().flatten().tolist()
+            children.append(sorted(((t, total + float(lp[t])) for t in allowed), key=lambda c: -c[1]))
+        _, length, prefix, _ = stack[-1]
+        if not children[-1]:
+            stack.pop()
+            children.pop()
+            continue
+        token, total = children[-1].pop(0)
+        if token in stop:
+            found.append(Candidate(prefix + [token], total))
+            if max_candidates and len(found) >= max_candidates:
+                complete = False
+                break
+            continue
+        if len(prefix) + 1 >= max_new_tokens:
+            continue  # no room left for a stop token
+        if max_seconds and time.perf_counter() - started > max_seconds:
+            complete = False
+            break
+        extra = cache.get_seq_length() - length
+        if extra > 0:
+            cache.crop(-extra)  # back to this frame (a negative count removes that many positions)
+        logits, cache = _forward(model, torch.tensor([[token]], device=device), cache,
+                                 torch.tensor([[length]], device=device))
+        stack.append((torch.log_softmax(logits[0, -1], -1), length + 1, prefix + [token], total))
+    found.sort(key=lambda c: -c.logprob)
+    return found, complete
+
+
+@torch.no_grad()
+def score(model, prompt: list[int], answers: list[list[int]], device: torch.device,
+          batch_size: int = 16) -> list[float]:
+    """log P(answer | prompt) for each answer; the prompt is prefilled once and its cache shared by all."""
+    logits, cache = _forward(model, torch.tensor([prompt], device=device), None)
+    first = torch.log_softmax(logits[0, -1], -1)
+    scores = []
+    for b in range(0, len(answers), batch_size):
+        group = answers[b:b + batch_size]
+        width = max(len(a) for a in group)
+        shared = _repeat(cache, len(group))
+        ids = torch.tensor([a + [a[-1]] * (width - len(a)) for a in group], device=device)  # right-padded
+        positions = torch.arange(len(prompt), len(prompt) + width, device=device).expand(len(group), -1)
+        out, _ = _forward(model, ids, shared, positions)
+        lp = torch.log_softmax(out, -1)
+        for r, a in enumerate(group):
+            total = float(first[a[0]])
+            if len(a) > 1:
+                total += float(lp[r, torch.arange(len(a) - 1), torch.tensor(a[1:], device=device)].sum())
+            scores.append(total)
+    return scores
+
+
+def _repeat(cache, rows: int):
+    from transformers import DynamicCache
+
+    shared = DynamicCache()
+    for layer in range(len(cache.layers)):
+        shared.update(cache.layers[layer].keys.expand(rows, -1, -1, -1).contiguous(),
+                      cache.layers[layer].values.expand(rows, -1, -1, -1).contiguous(), layer)
+    return shared
+
+
+def score_from_scratch(model, prompt: list[int], answers: list[list[int]], device: torch.device) -> list[float]:
+    """The reference for ``score``: one full forward per answer (what prefix sharing saves)."""
+    scores = []
+    with torch.no_grad():
+        for a in answers:
+            logits = model(input_ids=torch.tensor([prompt + a], device=device)).logits[0].float()
+            lp = torch.log_softmax(logits[len(prompt) - 1:-1], -1)
+            scores.append(float(lp[torch.arange(len(a)), torch.tensor(a, device=device)].sum()))
+    return scores
