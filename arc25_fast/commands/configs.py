@@ -42,8 +42,7 @@ class Schedule:
 
 @dataclass
 class TrainConfig:
-    """``arc25-fast train`` (and ``train_ds.py``): outputs in --output-dir: checkpoints/, metrics.jsonl, config.json,
-    train.log, summary.json and the final adapter/ or model/."""
+    """``arc25-fast train`` (and ``train_ds.py``)."""
 
     run: RunOptions = part(RunOptions, output_dir="runs/default")
     host: HostOptions = part(HostOptions)
@@ -74,8 +73,7 @@ class TTTOptions:
 
 @dataclass
 class TTTConfig:
-    """``arc25-fast ttt``: outputs in --output-dir: one <task_id>/adapter per task (or adapter/ with --shared),
-    ttt_summary.json, config.json and ttt.log."""
+    """``arc25-fast ttt``."""
 
     run: RunOptions = part(RunOptions, output_dir="runs/ttt")
     host: HostOptions = part(HostOptions)
@@ -109,8 +107,7 @@ class SearchOptions:
 
 @dataclass
 class SearchConfig:
-    """``arc25-fast search-and-learn``: outputs in --output-dir: search_summary.json, submission.json,
-    hindsight.jsonl, one <task_id>/ per task (rounds.jsonl, task.json), config.json and search.log."""
+    """``arc25-fast search-and-learn``."""
 
     run: RunOptions = part(RunOptions, output_dir="runs/search")
     host: HostOptions = part(HostOptions)
@@ -145,8 +142,7 @@ class EvalOptions:
 
 @dataclass
 class EvalConfig:
-    """``arc25-fast evaluate``: outputs in --output-dir: evaluate_summary.json, predictions.jsonl, submission.json,
-    config.json and evaluate.log."""
+    """``arc25-fast evaluate``."""
 
     run: RunOptions = part(RunOptions, output_dir="runs/eval")
     host: HostOptions = part(HostOptions)

@@ -49,7 +49,9 @@ from .flags import command_config, config_options
 @click.command()
 @config_options(EvalConfig)
 def evaluate(config_file, **values):
-    """Sample answers, run programs in a sandbox, score pass@k; write predictions, a submission and HER lines."""
+    """Sample answers, run programs in a sandbox, score pass@k; write predictions, a submission and HER lines.
+
+    Writes to --output-dir: evaluate_summary.json, predictions.jsonl, submission.json, config.json and evaluate.log."""
     run(command_config(EvalConfig, config_file, values))
 
 

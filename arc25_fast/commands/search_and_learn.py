@@ -68,7 +68,10 @@ TASK_FILE, ROUNDS_FILE = "task.json", "rounds.jsonl"
 @config_options(SearchConfig)
 def search_and_learn(config_file, **values):
     """Per task: sample programs, run them in the sandbox, fine-tune on what they really did (hindsight), sample
-    again; one resident process per rank, tasks from a shared queue; the evaluate ranking over all rounds."""
+    again; one resident process per rank, tasks from a shared queue; the evaluate ranking over all rounds.
+
+    Writes to --output-dir: search_summary.json, submission.json, hindsight.jsonl, <task_id>/ per task (rounds.jsonl,
+    task.json, adapter/), config.json and search.log."""
     run(command_config(SearchConfig, config_file, values))
 PHASES = ("sampling", "execution", "learning", "overhead")
 

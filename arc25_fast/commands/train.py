@@ -47,7 +47,10 @@ from .flags import command_config, config_options
 @click.command()
 @config_options(TrainConfig)
 def train(config_file, **values):
-    """Train on one process (same DeepSpeed engine as train_ds.py)."""
+    """Train on one process (same DeepSpeed engine as train_ds.py).
+
+    Writes to --output-dir: checkpoints/, metrics.jsonl, config.json, train.log, summary.json and the final adapter/
+    or model/."""
     run(command_config(TrainConfig, config_file, values))
 
 

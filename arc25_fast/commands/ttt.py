@@ -38,7 +38,10 @@ TASK_FILE = "task.json"
 @click.command()
 @config_options(TTTConfig)
 def ttt(config_file, **values):
-    """Test-time training: an adapter per task (or --shared) from each task's demo pairs, leave-one-out."""
+    """Test-time training: an adapter per task (or --shared) from each task's demo pairs, leave-one-out.
+
+    Writes to --output-dir: <task_id>/adapter per task (or adapter/ with --shared), ttt_summary.json, config.json and
+    ttt.log."""
     run(command_config(TTTConfig, config_file, values))
 
 
