@@ -3,11 +3,14 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from arc25_fast.data.options import SyntheticConfig
+from arc25_fast.data.sources import load_mix
 from arc25_fast.data.synthetic import DSL, draw_line, random_program_task, run_code
 from arc25_fast.runtime.rng import Rng
 
@@ -74,3 +77,21 @@ def test_the_independent_varied_set_is_what_its_programs_draw(tmp_path):
         assert all(np.array_equal(a, b) for a, b in zip(run_code(programs[task_id], inputs), outputs)), task_id
         drawn = {int(c) for c in re.findall(r"color=(\d)", programs[task_id])}
         assert not {int(g[0, 0]) for g in inputs} & drawn
+
+
+def test_one_mix_holds_several_kinds_of_synthetic_task():
+    base = SyntheticConfig(max_side=12, noise=0.0, background=-1, distinct_colors=True)
+    mix = load_mix(["synthetic@3", "synthetic:background=0,max_side=6,distinct_colors=false@1"], synthetic=base)
+    varied, black = mix.sources
+    assert varied.config == base and mix.weights == [3.0, 1.0]
+    assert black.config == replace(base, background=0, max_side=6, distinct_colors=False)
+    assert black.name == "synthetic:background=0,max_side=6,distinct_colors=false"
+    rng = Rng.for_block(0, 0, 0, 0)
+    for _ in range(20):
+        task = random_program_task(rng, black.config)
+        assert all(max(x.shape) <= 6 and (x == 0).all() for x in task.inputs)
+    for spec, message in (("synthetic:bg=0", "unknown key 'bg'"), ("synthetic:max_side=40", "max_side: must be at most 30"),
+                          ("synthetic:min_side=9,max_side=6", "is more than"), ("synthetic:max_side", "KEY=VALUE")):
+        with pytest.raises(ValueError, match=message) as caught:
+            load_mix([spec], synthetic=base)
+        assert spec in str(caught.value)

