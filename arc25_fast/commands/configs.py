@@ -10,34 +10,15 @@ from ..sandbox.options import SandboxOptions
 from ..solving.options import EvalTasks, Sampling, SolveOptions
 from ..training.options import (
     EngineOptions,
+    GlobalBatch,
     LoraOptions,
     ModelOptions,
     Optimisation,
     PackedOptions,
+    Schedule,
     Validation,
     WandbOptions,
 )
-
-
-@dataclass(frozen=True)
-class GlobalBatch:
-    """How big an optimizer step is over all ranks, and who feeds it."""
-
-    global_batch_tokens: int | None = option(None, "Token budget of one optimizer step over all ranks (sets "
-                                             "--grad-accum).", min=1)
-    global_batch_samples: int | None = option(None, "Approximate samples per optimizer step over all ranks (sets "
-                                              "--grad-accum from the measured samples per micro-batch).", min=1)
-    num_workers: int = option(1, "DataLoader worker processes per rank (0: in the training process).", min=0)
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """When the loop logs, validates and saves."""
-
-    log_every: int = option(1, "Log metrics every N steps.", min=1)
-    eval_every: int = option(25, "Validate every N steps (0: never).", min=0)
-    save_every: int = option(50, "Checkpoint every N steps (0: only at the end).", min=0)
-    keep_checkpoints: int = option(2, "Checkpoints kept (oldest removed).", min=1)
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """The training options, as the parts a command's config is composed of (each option declared once), and the
-parts a training command's config holds (``TrainingParts``)."""
+parts a training command's config holds (``TrainingParts``; the train command's own checks read ``TrainRunParts``)."""
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from ..data.options import DataOptions, PackingConfig
-from ..runtime.options import HostOptions, option
+from ..data.options import DataOptions, PackingConfig, Sources, SyntheticConfig
+from ..runtime.options import HostOptions, RunOptions, option
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,27 @@ class WandbOptions:
     project: str = option("arc25-fast", "Weights & Biases project.", name="wandb_project")
 
 
+@dataclass(frozen=True)
+class GlobalBatch:
+    """How big an optimizer step is over all ranks, and who feeds it."""
+
+    global_batch_tokens: int | None = option(None, "Token budget of one optimizer step over all ranks (sets "
+                                             "--grad-accum).", min=1)
+    global_batch_samples: int | None = option(None, "Approximate samples per optimizer step over all ranks (sets "
+                                              "--grad-accum from the measured samples per micro-batch).", min=1)
+    num_workers: int = option(1, "DataLoader worker processes per rank (0: in the training process).", min=0)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When the loop logs, validates and saves."""
+
+    log_every: int = option(1, "Log metrics every N steps.", min=1)
+    eval_every: int = option(25, "Validate every N steps (0: never).", min=0)
+    save_every: int = option(50, "Checkpoint every N steps (0: only at the end).", min=0)
+    keep_checkpoints: int = option(2, "Checkpoints kept (oldest removed).", min=1)
+
+
 class TrainingParts(Protocol):
     """The parts of a command's config that building the model, the engine and the step read."""
 
@@ -100,3 +121,16 @@ class TrainingParts(Protocol):
     optim: Optimisation
     data: DataOptions
     packing: PackingConfig
+
+
+class TrainRunParts(TrainingParts, Protocol):
+    """The parts of the train command's config that its checks read (``eval_tasks`` is ``solving``'s
+    ``EvalTasks``)."""
+
+    run: RunOptions
+    batch: GlobalBatch
+    schedule: Schedule
+    validation: Validation
+    sources: Sources
+    synthetic: SyntheticConfig
+    eval_tasks: Any

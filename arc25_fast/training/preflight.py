@@ -19,7 +19,7 @@ from ..runtime.options import ConfigError
 from .checkpoint import checkpoint_info, valid_checkpoints
 from .engine import load_ds_config
 from .model import is_random_init, load_model_config, lora_targets
-from .options import TrainingParts
+from .options import TrainingParts, TrainRunParts
 
 RESUME_MAY_CHANGE = {"optim.max_steps", "schedule.save_every", "schedule.keep_checkpoints", "schedule.log_every",
                      "schedule.eval_every", "run.resume", "run.overwrite", "host.verbose", "wandb.enabled",
@@ -37,7 +37,7 @@ def _changed_options(saved: dict, now: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_resume(cfg, world: int) -> list[Path]:
+def check_resume(cfg: TrainRunParts, world: int) -> list[Path]:
     """Resumable checkpoints, newest first; refuses a world size or worker count that cannot continue them."""
     out = Path(cfg.run.output_dir)
     valid, skipped = valid_checkpoints(out)
@@ -96,7 +96,7 @@ def checkpoint_bytes(total: int, trainable: int, dtype_bytes: int, lora: bool) -
     return trainable * (dtype_bytes + 4 + 8) + hf
 
 
-def check_disk(cfg, model_config, dtype_bytes: int) -> None:
+def check_disk(cfg: TrainRunParts, model_config, dtype_bytes: int) -> None:
     total, trainable = count_parameters(model_config, cfg)
     need = checkpoint_bytes(total, trainable, dtype_bytes, cfg.lora.enabled)
     if is_random_init(cfg.model.name):
@@ -122,7 +122,7 @@ def check_model(cfg: TrainingParts, vocab_hint: int | None = None):
     return model_config
 
 
-def check_sources(cfg) -> None:
+def check_sources(cfg: TrainRunParts) -> None:
     """Task and validation sources name files that exist (parsing them comes next, still before the model)."""
     validated = cfg.schedule.eval_every and cfg.validation.source != "train-mix"
     specs = list(cfg.sources.task_sources) + ([cfg.validation.source] if validated else [])
@@ -145,7 +145,7 @@ def check_sources(cfg) -> None:
         raise ConfigError("--global-batch-tokens and --global-batch-samples both set the batch size; give one")
 
 
-def preflight(cfg, device: torch.device) -> object:
+def preflight(cfg: TrainRunParts, device: torch.device) -> object:
     """The checks of the train command's options before its output directory is touched; the model's config."""
     check_sources(cfg)
     if cfg.packed.attn != "auto":
@@ -157,7 +157,7 @@ def preflight(cfg, device: torch.device) -> object:
     return model_config
 
 
-def check_run_dir(cfg, model_config, device: torch.device, world: int) -> list[Path]:
+def check_run_dir(cfg: TrainRunParts, model_config, device: torch.device, world: int) -> list[Path]:
     """The checks that need the output directory: resume compatibility and room for a checkpoint; the resumable
     checkpoints, newest first."""
     checkpoints = check_resume(cfg, world) if cfg.run.resume else []
