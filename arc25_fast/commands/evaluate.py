@@ -19,10 +19,9 @@ import torch
 
 from ..data.encoding import special_texts
 from ..data.options import Augmentation
-from ..data.pipeline import build_encoder, verify_encoder
+from ..data.pipeline import checked_encoder
 from ..data.sources import ArcSource, Mix, load_tasks
 from ..data.tasks import Task
-from ..data.tokenizer import load_tokenizer
 from ..runtime.files import save_run_config, write_atomic
 from ..runtime.logs import note, task_progress
 from ..runtime.options import ConfigError
@@ -255,7 +254,7 @@ def check_inputs(cfg: EvalConfig) -> Inputs:
         raise ConfigError(f"--tasks {cfg.tasks.source}: no task has a test input")
     tasks = all_tasks[:cfg.tasks.max_tasks or None]
     check = Mix([ArcSource(f"eval:{cfg.tasks.source}", tasks, Augmentation())], [1.0])
-    encoder = verify_encoder(build_encoder(load_tokenizer(cfg.data.tokenizer), cfg.data), check, cfg.data)
+    encoder = checked_encoder(cfg.data, check)
     return Inputs(all_tasks, tasks, base, adapter, encoder)
 
 

@@ -6,7 +6,7 @@ import click
 from ..data.profiling import profile_sampling_speed as run
 from .configs import DataConfig, TrainConfig
 from .flags import command_config, config_options
-from .reports import write_report
+from .reports import write_json_report
 
 
 @click.command("profile-sampling-speed")
@@ -26,4 +26,4 @@ def profile_sampling_speed(config_file, n_samples, n_text_samples, workers, json
         plot = plot or str(Path(report_dir) / "sample_lengths.png")
     report = run(cfg, n_samples, n_text_samples, [int(w) for w in workers.split(",") if w != ""],
                  Path(plot) if plot else None, log=click.echo)
-    write_report(report, json_path)
+    write_json_report(report, json_path)

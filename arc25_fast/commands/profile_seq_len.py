@@ -8,7 +8,7 @@ from ..runtime.startup import start
 from ..training.profiling import profile_training
 from .configs import ProfileConfig, TrainConfig
 from .flags import command_config, config_options
-from .reports import write_report
+from .reports import write_json_report
 
 
 def _ints(text: str) -> list[int]:
@@ -40,7 +40,7 @@ def profile_seq_len(config_file, grid_sides, demo_pairs, budgets, steps, warmup,
     report_dir = Path(report_dir)
     if lengths_only:
         report = lengths(cfg, n_samples, report_dir / "sample_lengths.png", log=click.echo)
-        write_report(report, str(report_dir / "lengths.json"))
+        write_json_report(report, str(report_dir / "lengths.json"))
         return
     sides, pairs, sizes = _ints(grid_sides), _ints(demo_pairs), _ints(budgets)
     if not sides or not pairs or not sizes or min(sides) < 1 or max(sides) > 30 or min(pairs) < 0 or min(sizes) < 64:

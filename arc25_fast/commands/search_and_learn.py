@@ -39,10 +39,9 @@ import torch
 
 from ..data.encoding import special_texts
 from ..data.options import Augmentation
-from ..data.pipeline import build_encoder, verify_encoder
+from ..data.pipeline import checked_encoder
 from ..data.sources import ArcSource, HerSource, LeaveOneOutSource, Mix, load_tasks
 from ..data.tasks import CodeTask, Task
-from ..data.tokenizer import load_tokenizer
 from ..runtime.faults import EXIT_PREEMPTED, RunStopped, StopSignals
 from ..runtime.files import save_run_config, write_atomic
 from ..runtime.logs import note, task_progress
@@ -376,7 +375,7 @@ def check_inputs(cfg: SearchConfig, s: Started) -> tuple[list[Task], object]:
         raise ConfigError(f"--tasks {cfg.tasks.source}: task id {repeated[0]} appears twice")
     check_model(cfg)
     check = Mix([ArcSource(f"search:{cfg.tasks.source}", tasks, Augmentation())], [1.0])
-    return tasks, verify_encoder(build_encoder(load_tokenizer(cfg.data.tokenizer), cfg.data), check, cfg.data)
+    return tasks, checked_encoder(cfg.data, check)
 
 
 def run(cfg: SearchConfig) -> dict:

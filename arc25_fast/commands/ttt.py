@@ -16,9 +16,8 @@ import click
 import torch
 
 from ..data.options import Augmentation
-from ..data.pipeline import build_encoder, verify_encoder
+from ..data.pipeline import checked_encoder
 from ..data.sources import LeaveOneOutSource, Mix, load_tasks
-from ..data.tokenizer import load_tokenizer
 from ..runtime.faults import EXIT_PREEMPTED, RunStopped, StopSignals
 from ..runtime.files import save_run_config, write_atomic
 from ..runtime.logs import note, task_progress
@@ -74,8 +73,7 @@ def check_inputs(cfg: TTTConfig, s: Started) -> tuple[list, LeaveOneOutSource, o
     tasks = tasks[:cfg.tasks.max_tasks] if cfg.tasks.max_tasks else tasks
     source = LeaveOneOutSource(f"ttt:{cfg.tasks.source}", tasks, cfg.augmentation)  # refuses a task without demos
     check_model(cfg)
-    encoder = verify_encoder(build_encoder(load_tokenizer(cfg.data.tokenizer), cfg.data), Mix([source], [1.0]),
-                             cfg.data)
+    encoder = checked_encoder(cfg.data, Mix([source], [1.0]))
     return tasks, source, encoder
 
 

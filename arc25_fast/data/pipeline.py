@@ -84,9 +84,16 @@ def check_samples_fit(encoder: Encoder, mix: Mix, seed: int, packing: PackingCon
                         "raise --max-tokens")
 
 
+def checked_encoder(data: DataOptions, mix: Mix, tokenizer: PreTrainedTokenizerBase | None = None) -> Encoder:
+    """The encoder of ``--tokenizer`` (or of ``tokenizer``, already loaded), checked against the text path on
+    ``mix``'s samples."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(data.tokenizer)
+    return verify_encoder(build_encoder(tokenizer, data), mix, data)
+
+
 def build_pipeline(cfg: DataParts) -> tuple[Mix, Encoder]:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     mix = build_mix(cfg, tokenizer)
-    encoder = verify_encoder(build_encoder(tokenizer, cfg.data), mix, cfg.data)
+    encoder = checked_encoder(cfg.data, mix, tokenizer)
     check_samples_fit(encoder, mix, cfg.data.seed, cfg.packing)
     return mix, encoder

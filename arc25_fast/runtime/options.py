@@ -11,7 +11,7 @@ import json
 import math
 import types
 import typing
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -172,21 +172,15 @@ def resolve(cls: type, config_file: str | None, given: dict[str, Any], file_writ
 
     ``given`` holds the command-line values that were set, by option name. Options in the file that belong to a
     command in ``file_written_for`` but not to ``cls`` are left out (a data command reads a training file)."""
-    values, origins = {}, {}
+    values, origins, known = {}, {}, options(cls)
     if config_file:
         sections = {p.name for c in (cls, *file_written_for) for p in fields(c)}
         values, origins = file_options(config_file, sections)
-        mine = options(cls)
         others = {name for c in file_written_for for name in options(c)}
-        values = {k: v for k, v in values.items() if k in mine or k not in others}
-    known = options(cls)
+        values = {k: v for k, v in values.items() if k in known or k not in others}
     for name in given:
         origins[name] = known[name].flag if name in known else f"--{name}"
     return build(cls, {**values, **given}, origins)
-
-
-def field_default(f: Field) -> Any:
-    return f.default if f.default is not MISSING else f.default_factory()
 
 
 def _literal(text: str) -> Any:

@@ -26,7 +26,7 @@ class GenerationEval:
         kind = opts.prompt_kind
         if kind == "auto":
             kind = "code" if any(s.kind == CODE for s in mix.sources) else "output"
-        self.solve = SolveOptions(prompt_kind=kind, seed=cfg.data.seed)
+        self.solve = SolveOptions(prompt_kind=kind, seed=cfg.data.seed, views=cfg.augmentation)
         tasks, _ = load_tasks(opts.tasks, cfg.data.skip_invalid, synthetic=cfg.synthetic)
         self.tasks = [t for t in tasks if t.test][:opts.max_tasks][rank::world]
         self.encoder, self.rank = encoder, rank
