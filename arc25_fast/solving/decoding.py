@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .static_decode import DecodeStep, StaticKV, unsupported
+
 
 @dataclass
 class Generated:
@@ -81,11 +83,24 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generators: li
     return torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generators)]).tolist()
 
 
+DECODERS = ("static", "graph", "hf")
+
+
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int,
-           stop_ids: list[int], seed: int, batch_size: int, device: torch.device) -> list[list[list[int]]]:
+           stop_ids: list[int], seed: int, batch_size: int, device: torch.device,
+           decode: str = "static") -> list[list[list[int]]]:
     """``n`` completions (token ids, stop token excluded) per prompt. Prompts decode together in groups of at most
-    ``batch_size`` whose lengths are close (within a quarter, or 64 tokens), so the shared cache is padded little."""
+    ``batch_size`` whose lengths are close (within a quarter, or 64 tokens), so the shared cache is padded little.
+
+    ``decode``: ``static`` (``static_decode.DecodeStep``: fixed shapes on preallocated KV tensors), ``graph`` (the
+    same step replayed as a CUDA graph) or ``hf`` (transformers' forward on a ``DynamicCache``); the same samples."""
+    if decode not in DECODERS:
+        raise ValueError(f"decode {decode!r}: use one of {', '.join(DECODERS)}")
+    if decode != "hf" and (why := unsupported(_lm(model))):
+        raise ValueError(f"--decode {decode}: {why}; use --decode hf")
+    if decode == "graph" and device.type != "cuda":
+        raise ValueError(f"--decode graph replays CUDA graphs; the device is {device}: use --decode static")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     groups: list[list[int]] = []
     for i in order:
@@ -95,49 +110,68 @@ def sample(model, prompts: list[list[int]], n: int, temperature: float, top_p: f
             groups.append([i])
     out: list[list[list[int]]] = [[] for _ in prompts]
     for group in groups:
-        drawn = _sample_batch(model, [prompts[i] for i in group], n, temperature, top_p, max_new_tokens,
-                              set(stop_ids), seed, device)
+        batch = Batch(model, [prompts[i] for i in group], n, seed, device)
+        args = (temperature, top_p, max_new_tokens, set(stop_ids))
+        drawn = _decode_hf(batch, *args) if decode == "hf" else _decode_static(batch, *args, decode == "graph")
         for i, samples in zip(group, drawn):
             out[i] = samples
     return out
 
 
-def _sample_batch(model, prompts, n, temperature, top_p, max_new_tokens, stop, seed, device):
-    from transformers import DynamicCache
+class Batch:
+    """The K x B rows of up to B prompts: each prompt prefilled once, alone; each row's own generator."""
 
-    caches, first = [], []
-    for p in prompts:  # each prompt prefilled once, alone
-        logits, cache = _forward(model, torch.tensor([p], device=device), None)
-        caches.append(cache)
-        first.append(logits[0, -1])
-    lengths = [len(p) for p in prompts]
-    width = max(lengths)
-    rows = [(i, k) for i in range(len(prompts)) for k in range(n)]
-    joint = DynamicCache()
-    for layer in range(len(caches[0].layers)):
-        keys, values = caches[0].layers[layer].keys, caches[0].layers[layer].values
-        shape = (len(rows), keys.shape[1], width, keys.shape[3])
-        k_all, v_all = keys.new_zeros(shape), values.new_zeros(shape)
-        for r, (i, _) in enumerate(rows):  # right-aligned: the prompts' ends meet the decoded tokens
-            k_all[r, :, width - lengths[i]:] = caches[i].layers[layer].keys[0]
-            v_all[r, :, width - lengths[i]:] = caches[i].layers[layer].values[0]
-        joint.update(k_all, v_all, layer)
-    del caches
-    # no mask when no row is padded: transformers reads an all-ones mask back to skip it (a sync a step)
-    mask = torch.tensor([[0] * (width - lengths[i]) + [1] * lengths[i] for i, _ in rows], device=device) \
-        if min(lengths) < width else None
-    generators = [row_generator(seed, prompts[i], k, device) for i, k in rows]
-    tokens = _pick(torch.stack([first[i] for i, _ in rows]), temperature, top_p, generators)
-    done: list[list[int]] = [[] for _ in rows]
-    active = list(range(len(rows)))
-    for step in range(max_new_tokens):
+    def __init__(self, model, prompts: list[list[int]], n: int, seed: int, device: torch.device):
+        self.model, self.prompts, self.n, self.device = model, prompts, n, device
+        self.caches, first = [], []
+        for p in prompts:
+            logits, cache = _forward(model, torch.tensor([p], device=device), None)
+            self.caches.append(cache)
+            first.append(logits[0, -1])
+        self.lengths = [len(p) for p in prompts]
+        self.rows = [(i, k) for i in range(len(prompts)) for k in range(n)]
+        self.first = torch.stack([first[i] for i, _ in self.rows])
+        self.generators = [row_generator(seed, prompts[i], k, device) for i, k in self.rows]
+        self.done: list[list[int]] = [[] for _ in self.rows]
+
+    def take(self, active: list[int], tokens: list[int], step: int, max_new_tokens: int, stop: set[int]) -> list[int]:
+        """Record each active row's token; the positions in ``active`` of the rows that go on."""
         keep = []
         for a, (r, t) in enumerate(zip(active, tokens)):
             if t in stop:
                 continue
-            done[r].append(t)
+            self.done[r].append(t)
             if step + 1 < max_new_tokens:
                 keep.append(a)
+        return keep
+
+    def samples(self) -> list[list[list[int]]]:
+        return [[self.done[i * self.n + k] for k in range(self.n)] for i in range(len(self.prompts))]
+
+
+def _decode_hf(batch: Batch, temperature, top_p, max_new_tokens, stop):
+    """Transformers' forward per token on one ``DynamicCache``; a finished row leaves the batch at once."""
+    from transformers import DynamicCache
+
+    lengths, rows, device = batch.lengths, batch.rows, batch.device
+    width = max(lengths)
+    joint = DynamicCache()
+    for layer in range(len(batch.caches[0].layers)):
+        keys, values = batch.caches[0].layers[layer].keys, batch.caches[0].layers[layer].values
+        shape = (len(rows), keys.shape[1], width, keys.shape[3])
+        k_all, v_all = keys.new_zeros(shape), values.new_zeros(shape)
+        for r, (i, _) in enumerate(rows):  # right-aligned: the prompts' ends meet the decoded tokens
+            k_all[r, :, width - lengths[i]:] = batch.caches[i].layers[layer].keys[0]
+            v_all[r, :, width - lengths[i]:] = batch.caches[i].layers[layer].values[0]
+        joint.update(k_all, v_all, layer)
+    batch.caches = []
+    # no mask when no row is padded: transformers reads an all-ones mask back to skip it (a sync a step)
+    mask = torch.tensor([[0] * (width - lengths[i]) + [1] * lengths[i] for i, _ in rows], device=device) \
+        if min(lengths) < width else None
+    tokens = _pick(batch.first, temperature, top_p, batch.generators)
+    active = list(range(len(rows)))
+    for step in range(max_new_tokens):
+        keep = batch.take(active, tokens, step, max_new_tokens, stop)
         if not keep:
             break
         if len(keep) < len(active):  # finished rows leave the batch
@@ -149,9 +183,39 @@ def _sample_batch(model, prompts, n, temperature, top_p, max_new_tokens, stop, s
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         positions = torch.tensor([[lengths[rows[r][0]] + step] for r in active], device=device)
-        logits, joint = _forward(model, torch.tensor([[t] for t in tokens], device=device), joint, positions, mask)
-        tokens = _pick(logits[:, -1], temperature, top_p, [generators[r] for r in active])
-    return [[done[i * n + k] for k in range(n)] for i in range(len(prompts))]
+        logits, joint = _forward(batch.model, torch.tensor([[t] for t in tokens], device=device), joint, positions,
+                                 mask)
+        tokens = _pick(logits[:, -1], temperature, top_p, [batch.generators[r] for r in active])
+    return batch.samples()
+
+
+def _decode_static(batch: Batch, temperature, top_p, max_new_tokens, stop, graph: bool):
+    """``DecodeStep`` on a ``StaticKV`` sized for the longest answer. A finished row keeps its slot (fixed shapes)
+    until at most half the slots are live; then the live rows move to a step of their own size."""
+    lengths, rows, device = batch.lengths, batch.rows, batch.device
+    kv = StaticKV.from_prompts(batch.caches, lengths, [i for i, _ in rows], max(lengths) + max_new_tokens)
+    batch.caches = []
+    step_fn = DecodeStep(_lm(batch.model), kv, torch.tensor([lengths[i] for i, _ in rows], device=device), graph)
+    tokens = _pick(batch.first, temperature, top_p, batch.generators)
+    active = list(range(len(rows)))  # the live rows; active[a] sits in slot slots[a]
+    slots = list(range(len(rows)))
+    for step in range(max_new_tokens):
+        keep = batch.take(active, tokens, step, max_new_tokens, stop)
+        if not keep:
+            break
+        active, tokens, slots = [active[a] for a in keep], [tokens[a] for a in keep], [slots[a] for a in keep]
+        if len(active) <= len(step_fn.positions) // 2:
+            index = torch.tensor(slots, device=device)
+            step_fn = DecodeStep(step_fn.lm, step_fn.kv.select(index), step_fn.positions[index], graph)
+            slots = list(range(len(active)))
+        fed = [0] * len(step_fn.positions)
+        for s, t in zip(slots, tokens):
+            fed[s] = t
+        logits = step_fn(torch.tensor(fed, device=device))
+        if len(slots) < len(fed):
+            logits = logits[torch.tensor(slots, device=device)]
+        tokens = _pick(logits, temperature, top_p, [batch.generators[r] for r in active])
+    return batch.samples()
 
 
 @torch.no_grad()

@@ -10,6 +10,13 @@ from .decoding import Generated, dfs, sample, score, supports
 from .options import Sampling
 
 
+def decode_problem(sampling: Sampling) -> str | None:
+    """Why ``--decode`` cannot run on this machine (checked before any work), or None."""
+    if sampling.decode == "graph" and not torch.cuda.is_available():
+        return "--decode graph replays CUDA graphs, and this machine has no GPU: use --decode static"
+    return None
+
+
 @contextlib.contextmanager
 def sampling_mode(packed):
     """The model being trained (a ``PackedCausalLM``) ready to sample from in place: SDPA attention (the packed
@@ -110,7 +117,8 @@ class HFGenerator:
 
     def _sample(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Generated]]:
         drawn = sample(self.model, prompts, sampling.n, sampling.temperature, sampling.top_p,
-                       sampling.max_new_tokens, self.stop_ids, sampling.seed, sampling.batch_size, self.device)
+                       sampling.max_new_tokens, self.stop_ids, sampling.seed, sampling.batch_size, self.device,
+                       sampling.decode)
         out = []
         for answers in drawn:
             row = []

@@ -40,6 +40,9 @@ class Sampling:
     max_new_tokens: int = option(1024, "Most tokens generated per sample.", min=1)
     batch_size: int = option(8, "Prompts per generate call (each with --samples samples).", min=1)
     seed: int = 0
+    decode: str = option("static", "Hugging Face backend, the decode step: static (fixed shapes on preallocated "
+                         "KV tensors), graph (that step replayed as a CUDA graph; GPU only) or hf (transformers' "
+                         "forward per token); all give the same samples.", choices=("static", "graph", "hf"))
 
 
 @dataclass(frozen=True)
