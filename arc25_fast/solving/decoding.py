@@ -2,9 +2,9 @@
 
 - ``sample``: each prompt is prefilled once, alone (no padding), and its KV cache is shared by its K samples; the
   K x B rows of up to B prompts of close lengths then decode together on a cache left-padded only where those
-  lengths differ (padding costs attention over a few cache positions, never a prefill), each row stopping on its own
-  and leaving the batch. Each row draws from its own generator, seeded by (seed, prompt, sample index): the same seed
-  gives the same samples whatever the batch size or the order of the prompts.
+  lengths differ (padding costs attention over a few cache positions, never a prefill), each row stopping on its own.
+  Each row draws from its own generator, seeded by (seed, prompt, sample index): the same seed gives the same samples
+  whatever the batch size, the order of the prompts or the decode step (``static_decode``, or transformers' forward).
 - ``dfs``: every completion whose probability is at least ``min_prob``, most probable first, by depth-first search
   on one KV cache (extended for a child, cropped back for its sibling), as the ARChitects and NVARC decode grids.
 - ``score``: the log-probability of given answers after a prompt; the prompt is prefilled once and its cache shared
