@@ -12,6 +12,8 @@ import inspect
 
 import torch
 
+from ..runtime.logs import note
+
 
 class StaticKV:
     """Key/value tensors ``[rows, kv_heads, length, head_dim]`` per layer, written at one shared index.
@@ -83,8 +85,10 @@ class DecodeStep:
 
     ``tokens`` is copied into a buffer of fixed address; the positions and the cache's write index advance by one in
     place after each step. With ``graph=True`` (CUDA only) the first step is captured as a CUDA graph and every later
-    one replays it.
+    one replays it; where the capture fails, the step runs eagerly and a note says so once.
     """
+
+    graph_failed = False
 
     def __init__(self, lm, kv: StaticKV, positions: torch.Tensor, graph: bool = False):
         self.lm, self.kv = lm, kv
@@ -93,11 +97,17 @@ class DecodeStep:
         forward = inspect.signature(type(lm.model.layers[0]).forward).parameters
         self.cache_name = "cache" if "cache" in forward else "past_key_values"
         self.graph = None
+        self.logits: torch.Tensor | None = None
         if graph:
             if positions.device.type != "cuda":
                 raise ValueError("a CUDA graph needs a CUDA device")
-            self.graph = self._capture()
-        self.logits: torch.Tensor | None = None
+            try:
+                self.graph = self._capture()
+            except RuntimeError as e:  # an operator the graph cannot hold: this step runs eagerly, said once
+                if not DecodeStep.graph_failed:
+                    note(f"--decode graph: this model's step could not be captured ({str(e).splitlines()[0][:160]}); "
+                         "decoding eagerly (--decode static)")
+                DecodeStep.graph_failed = True
 
     def _forward(self) -> torch.Tensor:
         inner = self.lm.model
@@ -120,16 +130,18 @@ class DecodeStep:
         by the first real step before any row attends to it."""
         device = self.positions.device
         positions, write = self.positions.clone(), self.kv.write.clone()
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            self._forward()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = self._forward()
-        self.positions.copy_(positions)
-        self.kv.write.copy_(write)
+        try:
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                self._forward()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self._forward()
+        finally:
+            self.positions.copy_(positions)
+            self.kv.write.copy_(write)
         return graph
 
     @torch.no_grad()
