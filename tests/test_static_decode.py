@@ -70,22 +70,23 @@ def test_a_static_step_reads_no_device_value(model):
 
 
 def test_a_static_step_writes_each_token_in_place_and_attends_to_its_prompt_only(model):
-    """Two prompts of different lengths in one StaticKV: each row's logits equal a forward of its own prompt and
-    tokens alone (no attention to another row's columns or to the padding)."""
+    """Two prompts of different lengths in one StaticKV, two rows each: each row's logits equal a forward of its own
+    prompt and tokens alone (no attention to another row's columns or to the padding)."""
     prompts = PROMPTS[:2]
     caches = []
     with torch.no_grad():
         for p in prompts:
             caches.append(decoding._forward(model, torch.tensor([p]), None)[1])
     lengths = [len(p) for p in prompts]
-    kv = StaticKV.from_prompts(caches, lengths, [0, 1], max(lengths) + 3)
-    step = DecodeStep(model, kv, torch.tensor(lengths))
-    fed = [[11, 12], [21, 22]]
+    rows = [0, 1, 1, 0]  # a prompt's rows need not be neighbours
+    kv = StaticKV.from_prompts(caches, lengths, rows, max(lengths) + 3)
+    step = DecodeStep(model, kv, torch.tensor([lengths[i] for i in rows]))
+    fed = [[11, 12], [21, 22], [31, 32], [41, 42]]
     for t in range(2):
-        logits = step(torch.tensor([fed[0][t], fed[1][t]]))
-    for r, p in enumerate(prompts):
+        logits = step(torch.tensor([f[t] for f in fed]))
+    for r, i in enumerate(rows):
         with torch.no_grad():
-            want = model(input_ids=torch.tensor([p + fed[r]])).logits[0, -1].float()
+            want = model(input_ids=torch.tensor([prompts[i] + fed[r]])).logits[0, -1].float()
         torch.testing.assert_close(logits[r], want, atol=1e-4, rtol=1e-4)
 
 

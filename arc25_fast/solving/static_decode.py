@@ -34,14 +34,20 @@ class StaticKV:
         """Each row's copy of its prompt's prefilled cache (a transformers cache per prompt; ``rows[r]`` its prompt),
         in tensors with room for ``length`` columns."""
         width = max(lengths)
+        runs = []  # (prompt, its consecutive rows): one copy per run and layer, not one per row
+        for r, i in enumerate(rows):
+            if runs and runs[-1][0] == i and runs[-1][1].stop == r:
+                runs[-1] = (i, slice(runs[-1][1].start, r + 1))
+            else:
+                runs.append((i, slice(r, r + 1)))
         keys, values = [], []
         for layer in range(len(caches[0].layers)):
             k0, v0 = caches[0].layers[layer].keys, caches[0].layers[layer].values
             k = k0.new_zeros((len(rows), k0.shape[1], length, k0.shape[3]))
             v = v0.new_zeros((len(rows), v0.shape[1], length, v0.shape[3]))
-            for r, i in enumerate(rows):
-                k[r, :, width - lengths[i]:width] = caches[i].layers[layer].keys[0]
-                v[r, :, width - lengths[i]:width] = caches[i].layers[layer].values[0]
+            for i, at in runs:
+                k[at, :, width - lengths[i]:width] = caches[i].layers[layer].keys
+                v[at, :, width - lengths[i]:width] = caches[i].layers[layer].values
             keys.append(k)
             values.append(v)
         columns = torch.arange(length, device=keys[0].device)
