@@ -155,16 +155,13 @@ def _decode_hf(batch: Batch, temperature, top_p, max_new_tokens, stop):
 
     lengths, rows, device = batch.lengths, batch.rows, batch.device
     width = max(lengths)
-    joint = DynamicCache()
-    for layer in range(len(batch.caches[0].layers)):
-        keys, values = batch.caches[0].layers[layer].keys, batch.caches[0].layers[layer].values
-        shape = (len(rows), keys.shape[1], width, keys.shape[3])
-        k_all, v_all = keys.new_zeros(shape), values.new_zeros(shape)
-        for r, (i, _) in enumerate(rows):  # right-aligned: the prompts' ends meet the decoded tokens
-            k_all[r, :, width - lengths[i]:] = batch.caches[i].layers[layer].keys[0]
-            v_all[r, :, width - lengths[i]:] = batch.caches[i].layers[layer].values[0]
-        joint.update(k_all, v_all, layer)
+    # each row's prompt cache, right-aligned (the prompts' ends meet the decoded tokens), with no room after it
+    kv = StaticKV.from_prompts(batch.caches, lengths, [i for i, _ in rows], width)
     batch.caches = []
+    joint = DynamicCache()
+    for layer, (keys, values) in enumerate(zip(kv.keys, kv.values)):
+        joint.update(keys, values, layer)
+    del kv
     # no mask when no row is padded: transformers reads an all-ones mask back to skip it (a sync a step)
     mask = torch.tensor([[0] * (width - lengths[i]) + [1] * lengths[i] for i, _ in rows], device=device) \
         if min(lengths) < width else None
@@ -199,22 +196,23 @@ def _decode_static(batch: Batch, temperature, top_p, max_new_tokens, stop, graph
     tokens = _pick(batch.first, temperature, top_p, batch.generators)
     active = list(range(len(rows)))  # the live rows; active[a] sits in slot slots[a]
     slots = list(range(len(rows)))
+    live = None  # the live slots as an index on the device, while some slots are not live
     for step in range(max_new_tokens):
         keep = batch.take(active, tokens, step, max_new_tokens, stop)
         if not keep:
             break
-        active, tokens, slots = [active[a] for a in keep], [tokens[a] for a in keep], [slots[a] for a in keep]
-        if len(active) <= len(step_fn.positions) // 2:
-            index = torch.tensor(slots, device=device)
-            step_fn = DecodeStep(step_fn.lm, step_fn.kv.select(index), step_fn.positions[index], graph)
-            slots = list(range(len(active)))
+        if len(keep) < len(active):
+            active, tokens, slots = [active[a] for a in keep], [tokens[a] for a in keep], [slots[a] for a in keep]
+            live = torch.tensor(slots, device=device)
+            if len(active) <= len(step_fn.positions) // 2:
+                step_fn = DecodeStep(step_fn.lm, step_fn.kv.select(live), step_fn.positions[live], graph)
+                slots, live = list(range(len(active))), None
         fed = [0] * len(step_fn.positions)
         for s, t in zip(slots, tokens):
             fed[s] = t
         logits = step_fn(torch.tensor(fed, device=device))
-        if len(slots) < len(fed):
-            logits = logits[torch.tensor(slots, device=device)]
-        tokens = _pick(logits, temperature, top_p, [batch.generators[r] for r in active])
+        tokens = _pick(logits if live is None else logits[live], temperature, top_p,
+                       [batch.generators[r] for r in active])
     return batch.samples()
 
 

@@ -19,7 +19,7 @@ class StaticKV:
     """Key/value tensors ``[rows, kv_heads, length, head_dim]`` per layer, written at one shared index.
 
     Rows are right-aligned (every prompt ends at the same column), so one write index serves all rows, and
-    ``valid`` marks the columns a row attends to: its prompt and every token decoded so far.
+    ``mask()`` gives the columns a row attends to: its prompt and every token decoded so far.
     """
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], prompt_columns: torch.Tensor, width: int):
