@@ -17,7 +17,7 @@ from conftest import invoke
 from arc25_fast.commands.search_and_learn import pixel_accuracy, select_hindsight
 from arc25_fast.data.options import SyntheticConfig
 from arc25_fast.data.sources import load_tasks
-from arc25_fast.data.synthetic import run_code, synthetic_tasks
+from arc25_fast.data.synthetic import run_code, synthetic_code_tasks, synthetic_tasks
 from arc25_fast.data.tasks import Task
 from arc25_fast.runtime.task_queue import TaskQueue
 
@@ -30,6 +30,7 @@ def test_hindsight_keeps_the_best_and_the_worst():
     assert [e["id"] for e in select_hindsight(entries, 4)] == [1, 3, 4, 2]  # ties: the earlier first
     assert [e["id"] for e in select_hindsight(entries, 3)] == [1, 3, 2]
     assert len(select_hindsight(entries, 10)) == 6
+    assert [e["id"] for e in select_hindsight(entries, 4, "best")] == [1, 3, 5, 0]
     task = Task("t", [(np.zeros((2, 2), np.uint8), np.array([[1, 1], [0, 0]], np.uint8)),
                       (np.zeros((2, 2), np.uint8), np.ones((2, 2), np.uint8))], [])
     outputs = [np.array([[1, 0], [0, 0]], np.uint8), np.ones((3, 2), np.uint8)]
@@ -140,6 +141,33 @@ def test_rounds_relabel_what_programs_really_did_and_learn_between_rounds(progra
     assert learned >= 1, "no task had a program that ran: the fixture model is too weak for this test"
     hindsight = (out / "hindsight.jsonl").read_text().splitlines()
     assert len(hindsight) == summary["hindsight_lines"] > 0
+
+
+@pytest.mark.slow
+def test_stop_when_solved_ends_a_task_after_its_first_solved_round(program_model, tmp_path):
+    """A model taught the programs of two tasks solves one of them in round 1 and stops there; an unsolved task
+    runs every round."""
+    known = tmp_path / "known.jsonl"
+    known.write_text("".join(json.dumps({"inputs": [x.tolist() for x in t.inputs],
+                                         "outputs": [y.tolist() for y in t.outputs], "code": t.code}) + "\n"
+                             for t in synthetic_code_tasks(2, 1000, SyntheticConfig(
+                                 max_calls=1, min_side=3, max_side=6, noise=0.0))))
+    invoke(["train", "--model", str(program_model), "--task-source", f"her:{known}", "--no-lora", "--lr", "3e-3",
+            "--max-steps", "40", "--warmup-steps", "2", "--max-tokens", "2048", "--eval-every", "0",
+            "--verify-samples", "0", "--num-workers", "0", "--save-every", "0", "--output-dir", str(tmp_path / "m")])
+    out = tmp_path / "stop"
+    invoke(search_args(tmp_path / "m" / "model", out, "--rounds", "3", "--stop-when-solved"))
+    ran = [rounds_of(out, f"synthetic-1000-000{i}") for i in range(3)]
+    for rounds in ran:  # it ran on while unsolved, and learnt nothing after the round that solved it
+        assert [r["solved_train"] for r in rounds[:-1]] == [False] * (len(rounds) - 1)
+        assert rounds[-1]["solved_train"] or len(rounds) == 3
+        assert rounds[-1]["learning"] is None and all(r["learning"] for r in rounds[:-1])
+    assert {len(r) for r in ran} == {1, 3}, "the taught model should solve one task at once and miss another"
+    summary = json.loads((out / "search_summary.json").read_text())
+    assert [r["tasks"] for r in summary["per_round"]] == [3] + [sum(len(r) == 3 for r in ran)] * 2
+    first_solved = [len(r) for r in ran if r[-1]["solved_train"]]  # stopped tasks keep their answers after
+    assert [r["solved_train"] for r in summary["per_round"]] == [sum(n <= k for n in first_solved) for k in (1, 2, 3)]
+    assert summary["per_round"][-1]["pass@2"] == pytest.approx(summary["pass@2"])
 
 
 def _wait_for(predicate, proc: subprocess.Popen, seconds: float = 240.0) -> None:

@@ -80,8 +80,13 @@ class SearchOptions:
     ttt_steps: int = option(0, "Test-time training steps on the task's demo pairs (leave-one-out, as ttt) before its "
                             "first round (0: none).", min=0)
     hindsight_per_task: int = option(16, "Most hindsight tasks a task learns from: one per distinct set of outputs "
-                                     "over all its rounds so far, half the best and half the worst by pixel accuracy "
-                                     "on the demo outputs.", min=1)
+                                     "over all its rounds so far, chosen by --hindsight-select.", min=1)
+    hindsight_select: str = option("best-and-worst", "Which hindsight tasks a round learns from, by pixel accuracy "
+                                   "on the demo outputs: half the best and half the worst (SOAR's and ironbar's "
+                                   "choice), or the best only.", choices=("best-and-worst", "best"))
+    stop_when_solved: bool = option(False, "End a task after the first round that has a program right on every "
+                                    "demo pair: no learning or sampling after it (its answers rank that program "
+                                    "first either way).")
     demo_weight: float = option(0.0, "Weight of the task's own demo pairs (leave-one-out output tasks) in each "
                                 "learning phase, beside its hindsight tasks at weight 1 (0: hindsight only).", min=0.0)
 

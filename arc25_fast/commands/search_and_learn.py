@@ -9,9 +9,11 @@ then ``--rounds`` rounds of
 2. run them on the task's train and test inputs in the sandbox,
 3. one hindsight task per distinct set of outputs (the inputs, the outputs the program really produced, the
    program), pooled over the rounds so far; at most ``--hindsight-per-task`` kept, half the best and half the worst
-   by pixel accuracy on the demo outputs,
+   by pixel accuracy on the demo outputs (or the best only: ``--hindsight-select best``),
 4. but after the last round: fine-tune on them (optionally mixed with the task's demo pairs), optimizer reset in
    place, the weights carried on to the next round.
+
+With ``--stop-when-solved`` a task ends after the first round with a program right on every demo pair.
 
 The answers are the evaluate ranking over every round's programs. Each finished round appends a line to
 ``<task_id>/rounds.jsonl`` (its programs' answers, its hindsight tasks, its statistics) after the weights it ends
@@ -86,12 +88,13 @@ def outputs_key(outputs: list) -> str:
     return hashlib.sha1(json.dumps(outputs).encode()).hexdigest()
 
 
-def select_hindsight(entries: list[dict], n: int) -> list[dict]:
-    """At most ``n`` of the distinct-output hindsight entries: the ``ceil(n/2)`` best and ``floor(n/2)`` worst by
-    pixel accuracy on the demo outputs (ties: the earlier program first)."""
+def select_hindsight(entries: list[dict], n: int, how: str = "best-and-worst") -> list[dict]:
+    """At most ``n`` of the distinct-output hindsight entries by pixel accuracy on the demo outputs: the
+    ``ceil(n/2)`` best and ``floor(n/2)`` worst, or (``how="best"``) the ``n`` best (ties: the earlier program
+    first)."""
     ranked = sorted(entries, key=lambda e: -e["accuracy"])  # stable: earlier rounds and samples first among ties
-    if len(ranked) <= n:
-        return ranked
+    if len(ranked) <= n or how == "best":
+        return ranked[:n]
     return ranked[:math.ceil(n / 2)] + ranked[len(ranked) - n // 2:]
 
 
@@ -178,8 +181,15 @@ class Searcher:
         if cfg.search.ttt_steps and not done:
             done.append(self.ttt(task, task_dir))
         for round_ in range(sum(r["round"] > 0 for r in done) + 1, cfg.search.rounds + 1):
+            if done and self.ends(done[-1].get("solved_train", False)):
+                break
             done.append(self.round(task, task_dir, round_, candidates, entries, seen))
         return self.finish(task, task_dir, done, candidates, entries, time.perf_counter() - t_task)
+
+    def ends(self, solved_train: bool) -> bool:
+        """Whether the task ends after a round with this outcome (--stop-when-solved: a program right on every demo
+        pair), whatever rounds are left."""
+        return self.cfg.search.stop_when_solved and solved_train
 
     def ttt(self, task: Task, task_dir: Path) -> dict:
         t0 = time.perf_counter()
@@ -217,8 +227,8 @@ class Searcher:
         entries += fresh
         scores = score_task(task, candidates)
         chosen, learned, weights = [], None, None
-        if round_ < cfg.search.rounds:
-            chosen = select_hindsight(entries, cfg.search.hindsight_per_task)
+        if round_ < cfg.search.rounds and not self.ends(bool(scores["train_correct"])):
+            chosen = select_hindsight(entries, cfg.search.hindsight_per_task, cfg.search.hindsight_select)
             if chosen:
                 hindsight = [CodeTask(f"{task.task_id}/hindsight{k}", [np.array(g, dtype=np.uint8) for g in e["inputs"]],
                                       [np.array(g, dtype=np.uint8) for g in e["outputs"]], e["code"])
@@ -329,10 +339,14 @@ def summarise(out: Path, tasks: list[Task], cfg: SearchConfig, extra: dict, hind
             os.replace(out / ".hindsight.jsonl.tmp", out / "hindsight.jsonl")
         per_round = []
         for r in range(1, cfg.search.rounds + 1):
-            rows = [next(x for x in i["rounds"] if x["round"] == r) for i in infos.values() if i["status"] == "done"]
-            scored = [x for x in rows if "pass@2" in x]
+            # each task as it stands after round r (a task ended by --stop-when-solved keeps its last round's
+            # answers); the work counted is that of the tasks that ran round r
+            after = [[x for x in i["rounds"] if 0 < x["round"] <= r][-1] for i in infos.values()
+                     if i["status"] == "done"]
+            rows = [x for x in after if x["round"] == r]
+            scored = [x for x in after if "pass@2" in x]
             per_round.append({
-                "round": r, "tasks": len(rows), "solved_train": sum(x["solved_train"] for x in rows),
+                "round": r, "tasks": len(rows), "solved_train": sum(x["solved_train"] for x in after),
                 **{k: float(np.mean([x[k] for x in scored])) if scored else None for k in ("pass@1", "pass@2",
                                                                                              "pass@all")},
                 "programs": sum(x["programs"] for x in rows), "parse_errors": sum(x["parse_errors"] for x in rows),

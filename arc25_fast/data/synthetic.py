@@ -156,13 +156,19 @@ def random_program_task(rng: Rng, cfg: SyntheticConfig, task_id: str = "syntheti
 TASK_SET = 0x5E7  # the first key of a task set's random stream; training streams are keyed (seed, rank, stream, block)
 
 
+def synthetic_code_tasks(count: int, seed: int, cfg: SyntheticConfig) -> list[CodeTask]:
+    """The programs behind ``synthetic_tasks`` (same count, seed and config), each with its ``cfg.max_inputs + 1``
+    inputs and outputs."""
+    each = replace(cfg, min_inputs=cfg.max_inputs + 1, max_inputs=cfg.max_inputs + 1)
+    return [random_program_task(Rng.for_block(TASK_SET, seed, i), each, f"synthetic-{seed}-{i:04d}")
+            for i in range(count)]
+
+
 def synthetic_tasks(count: int, seed: int, cfg: SyntheticConfig) -> list[Task]:
     """``count`` ARC tasks from random programs: ``cfg.max_inputs`` demo pairs and one test pair each (its output
     known). Each task has a stream of its own, so the first N tasks of a set do not depend on ``count``."""
-    each = replace(cfg, min_inputs=cfg.max_inputs + 1, max_inputs=cfg.max_inputs + 1)
     tasks = []
-    for i in range(count):
-        code_task = random_program_task(Rng.for_block(TASK_SET, seed, i), each, f"synthetic-{seed}-{i:04d}")
+    for code_task in synthetic_code_tasks(count, seed, cfg):
         pairs = list(zip(code_task.inputs, code_task.outputs))
         tasks.append(Task(code_task.task_id, pairs[:-1], pairs[-1:]))
     return tasks
