@@ -25,6 +25,7 @@ PHASES = ("sampling", "execution", "learning", "overhead")
 def run(args: argparse.Namespace, rounds: int, out: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "arc25_fast.cli", "search-and-learn", "--model", args.model, "--tasks", args.tasks,
            "--rounds", str(rounds), "--samples", str(args.samples // rounds), "--max-steps", str(args.max_steps),
+           "--rest-samples", str(round(args.rest_share * (args.samples // rounds))),
            "--output-dir", str(out), "--overwrite", *extra]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -37,7 +38,8 @@ def run(args: argparse.Namespace, rounds: int, out: Path, extra: list[str]) -> d
     first, rest = order[0], order[1:]
     phases = {p: sum(i["phases"][p] for i in infos) for p in PHASES}
     after_first = {p: sum(i["phases"][p] for i in rest) for p in PHASES}
-    return {"rounds": rounds, "samples_per_round": args.samples // rounds, "process_seconds": wall,
+    return {"rounds": rounds, "samples_per_round": args.samples // rounds,
+            "rest_samples_per_round": round(args.rest_share * (args.samples // rounds)), "process_seconds": wall,
             "setup_seconds": summary["setup_seconds"], "task_seconds": sum(phases.values()), "phases": phases,
             "first_task_seconds": sum(first["phases"].values()),
             "overhead_fraction_after_first": after_first["overhead"] / max(sum(after_first.values()), 1e-9),
@@ -53,6 +55,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32, help="K: samples per task over all rounds")
     parser.add_argument("--rounds", default="1,2,4", help="the values of R")
     parser.add_argument("--max-steps", type=int, default=8, help="optimizer steps per learning phase")
+    parser.add_argument("--rest-share", type=float, default=0.0,
+                        help="the share of each round's samples that go on from its best partial program "
+                             "(--rest-samples)")
     parser.add_argument("--json", help="write the report here")
     args, extra = parser.parse_known_args()
     extra = [x for x in extra if x != "--"]

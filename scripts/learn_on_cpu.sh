@@ -12,6 +12,7 @@ SAMPLE=(--verify-samples 0 --temperature 1.0 --max-new-tokens 128)
 BLACK=(--synthetic-max-calls 1 --synthetic-min-side 3 --synthetic-max-side 6 --synthetic-noise 0
        --synthetic-background 0)
 SEARCH=(--lr 0.002 --warmup-steps 1 --max-steps 4 --max-tokens 4096 --hindsight-per-task 16 --stop-when-solved)
+REST=(--rest-samples 4)  # of 8 programs, 4 go on from the best partial one (solving/refine.py)
 SETS=$OUT/varied-tasks
 
 echo "== 1. train on black canvases, sides 3-6: $(date -u +%T)"
@@ -24,14 +25,14 @@ python benchmarks/varied_tasks.py --out "$SETS/one_call_challenges.json" --calls
 python benchmarks/varied_tasks.py --out "$SETS/two_calls_challenges.json" --calls 2 --count 60
 echo "== 4. pass@8 after training alone: $(date -u +%T)"
 arc25-fast evaluate --model "$OUT/both/model" --prompt-kind code --tasks synthetic:50:1000 "${BLACK[@]}" \
-  "${SAMPLE[@]}" --samples 8 --output-dir "$OUT/evaluate-black" --overwrite
+  "${SAMPLE[@]}" --samples 8 "${REST[@]}" --output-dir "$OUT/evaluate-black" --overwrite
 for set in one_call two_calls; do
   arc25-fast evaluate --model "$OUT/both/model" --prompt-kind code --tasks "kaggle:$SETS/${set}_challenges.json" \
-    "${SAMPLE[@]}" --samples 8 --output-dir "$OUT/evaluate-$set" --overwrite
+    "${SAMPLE[@]}" --samples 8 "${REST[@]}" --output-dir "$OUT/evaluate-$set" --overwrite
 done
 echo "== 5. search-and-learn at 32 programs per task: 1 round of 32, 2 of 16, 4 of 8: $(date -u +%T)"
 python benchmarks/search_and_learn.py --model "$OUT/both/model" --tasks "kaggle:$SETS/one_call_challenges.json" \
-  --samples 32 --rounds 1,2,4 --json "$OUT/search_varied.json" -- "${SAMPLE[@]}" "${SEARCH[@]}"
+  --samples 32 --rounds 1,2,4 --rest-share 0.5 --json "$OUT/search_varied.json" -- "${SAMPLE[@]}" "${SEARCH[@]}"
 echo "== done: $(date -u +%T)"
 python - "$OUT" <<'EOF'
 import json, sys

@@ -132,7 +132,10 @@ def test_bad_evaluate_input_is_one_line(flip, tmp_path, busy_core):
     cases = [(["--adapter", str(tmp_path), "--ttt-dir", str(tmp_path)], "--adapter and --ttt-dir both"),
              (["--model", "tiny"], "evaluation needs trained weights"),
              (["--model", "/nonexistent", "--prompt-kind", "code", "--vote"], "--vote applies to --prompt-kind output"),
-             (["--ttt-dir", str(tmp_path)], "no config.json")]
+             (["--ttt-dir", str(tmp_path)], "no config.json"),
+             (["--model", "/nonexistent", "--prompt-kind", "code", "--samples", "4", "--rest-samples", "4"],
+              "--rest-samples 4 must be less than --samples 4"),
+             (["--model", "/nonexistent", "--rest-samples", "2"], "--rest-samples applies to --prompt-kind code")]
     if not torch.cuda.is_available():
         cases.append((["--model", "/nonexistent", "--decode", "graph"], "--decode graph replays CUDA graphs"))
     for extra, message in cases:

@@ -180,10 +180,11 @@ def _wait_for(predicate, proc: subprocess.Popen, seconds: float = 240.0) -> None
 
 @pytest.mark.slow
 def test_resume_after_kill_9_continues_at_the_next_round_with_the_same_answers(program_model, tmp_path):
+    rest = ("--rest-samples", "2")  # the rest's partial programs come from the rounds on disk too
     straight = tmp_path / "straight"
-    invoke(search_args(program_model, straight))
+    invoke(search_args(program_model, straight, *rest))
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "arc25_fast.cli", *search_args(program_model, out)]
+    cmd = [sys.executable, "-m", "arc25_fast.cli", *search_args(program_model, out, *rest)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     second = out / "synthetic-1000-0001" / "rounds.jsonl"
     _wait_for(lambda: second.exists() and second.read_text().count("\n") == 1, proc)
@@ -191,12 +192,12 @@ def test_resume_after_kill_9_continues_at_the_next_round_with_the_same_answers(p
     proc.wait()
     before = second.read_text()
     assert not (out / "synthetic-1000-0001" / "task.json").exists()
-    invoke(search_args(program_model, out, "--resume"))
+    invoke(search_args(program_model, out, "--resume", *rest))
     assert second.read_text().startswith(before)  # round 1 kept as it was, not redone
     for i in range(3):
         task_id = f"synthetic-1000-000{i}"
         a, b = rounds_of(straight, task_id), rounds_of(out, task_id)
-        assert [r["round"] for r in b] == [1, 2]
+        assert [r["round"] for r in b] == [1, 2] and [r["samples"] for r in b] == [6, 6]
         for x, y in zip(a, b):
             assert x["candidates"] == y["candidates"] and x["attempts"] == y["attempts"]
             assert (x["learning"] or {}).get("losses") == (y["learning"] or {}).get("losses")

@@ -60,6 +60,16 @@ def test_distinct_colors_keep_every_call_visible_on_one_colour_inputs():
         assert not backgrounds & drawn, (task.code, backgrounds)
 
 
+def test_drawn_calls_are_on_every_input_and_the_program_draws_on_top():
+    cfg = SyntheticConfig(max_calls=1, noise=0.0, background=-1, distinct_colors=True, max_side=8, drawn_calls=2)
+    rng = Rng.for_block(3, 1, 4, 2)
+    for _ in range(100):
+        task = random_program_task(rng, cfg)
+        assert all(img.min() < img.max() for img in task.inputs)  # each input carries what was drawn before
+        assert all(np.array_equal(a, b) for a, b in zip(run_code(task.code, task.inputs), task.outputs))
+        assert task.code.count("draw_") == 1
+
+
 def test_the_independent_varied_set_is_what_its_programs_draw(tmp_path):
     """benchmarks/varied_tasks.py paints with its own code; the DSL must draw exactly the same outputs, and every
     example has its own background, never the drawn colour."""

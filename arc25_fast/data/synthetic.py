@@ -134,14 +134,21 @@ def _random_input(rng: Rng, cfg: SyntheticConfig) -> np.ndarray:
 
 
 def random_program_task(rng: Rng, cfg: SyntheticConfig, task_id: str = "synthetic") -> CodeTask:
-    """Random inputs and a random program; calls that change no output are removed."""
+    """Random inputs (with ``cfg.drawn_calls``: the same random calls drawn on each) and a random program; calls that
+    change no output are removed."""
     while True:
         inputs = [_random_input(rng, cfg) for _ in range(rng.between(cfg.min_inputs, cfg.max_inputs))]
         h = min(img.shape[0] for img in inputs)
         w = min(img.shape[1] for img in inputs)
         calls = np.array([_random_call(rng, h, w) for _ in range(rng.between(1, cfg.max_calls))], dtype=np.int64)
-        if cfg.distinct_colors and {int(img[0, 0]) for img in inputs if img.min() == img.max()} & set(calls[:, 5]):
+        backgrounds = {int(img[0, 0]) for img in inputs if img.min() == img.max()}
+        if cfg.distinct_colors and backgrounds & set(calls[:, 5]):
             continue
+        if cfg.drawn_calls:  # what earlier calls left on the canvas: the program's call is the one that differs
+            drawn = np.array([_random_call(rng, h, w) for _ in range(rng.between(1, cfg.drawn_calls))], dtype=np.int64)
+            if cfg.distinct_colors and backgrounds & set(drawn[:, 5]):
+                continue
+            inputs = [run_calls(img, drawn, -1) for img in inputs]
         outputs = [run_calls(img, calls, -1) for img in inputs]
         i = 0
         while i < len(calls):

@@ -10,10 +10,13 @@ from .decoding import Generated, dfs, sample, score, supports
 from .options import Sampling
 
 
-def decode_problem(sampling: Sampling) -> str | None:
-    """Why ``--decode`` cannot run on this machine (checked before any work), or None."""
+def sampling_problem(sampling: Sampling) -> str | None:
+    """Why these sampling options cannot run (on this machine), checked before any work; or None."""
     if sampling.decode == "graph" and not torch.cuda.is_available():
         return "--decode graph replays CUDA graphs, and this machine has no GPU: use --decode static"
+    if sampling.rest_samples >= sampling.n:
+        return (f"--rest-samples {sampling.rest_samples} must be less than --samples {sampling.n}: the rest is "
+                "written for a partial program among the others")
     return None
 
 

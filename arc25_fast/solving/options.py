@@ -43,6 +43,10 @@ class Sampling:
     decode: str = option("static", "Hugging Face backend, the decode step: static (fixed shapes on preallocated "
                          "KV tensors), graph (that step replayed as a CUDA graph; GPU only) or hf (transformers' "
                          "forward per token); all give the same samples.", choices=("static", "graph", "hf"))
+    rest_samples: int = option(0, "Code prompts: of the --samples programs per task (per round in "
+                               "search-and-learn), this many are written for what the best partial program leaves "
+                               "to do (one that draws part of every demo output and nothing wrong: the demo outputs "
+                               "with its changes taken out) and run before it (0: none; see docs/SEARCH.md).", min=0)
 
 
 @dataclass(frozen=True)

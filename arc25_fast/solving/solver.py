@@ -5,7 +5,7 @@ import ast
 import hashlib
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from ..runtime.rng import Rng
 from ..sandbox.pool import RunResult, SandboxPool
 from .decoding import Generated
 from .options import Sampling, SolveOptions
+from .refine import best_partial, join, rest_task
 from .scoring import Candidate, extract_code, her_line, inverse_transform, parse_grid, same, score_task
 
 MAX_TEXT = 4000  # characters of each sample kept in predictions.jsonl
@@ -153,8 +154,20 @@ class Programs:
     sandbox_seconds: float
 
 
-def run_programs(task: Task, answers: list[Generated], pool: SandboxPool) -> Programs:
+    def extended(self, more: "Programs") -> "Programs":
+        """These programs, then ``more`` (numbered after them)."""
+        shift = len(self.records)
+        return Programs(self.candidates + [replace(c, index=c.index + shift) for c in more.candidates],
+                        self.records + more.records, self.her + more.her, self.parse_errors + more.parse_errors,
+                        self.exec_errors + more.exec_errors, self.sandbox_seconds + more.sandbox_seconds)
+
+
+def run_programs(task: Task, answers: list[Generated], pool: SandboxPool, then: str | None = None) -> Programs:
+    """Each answer's program run on the task's train and test inputs; with ``then`` (a partial program), each
+    program joined before it and run as one (``refine.join``)."""
     codes = [extract_code(g.text) for g in answers]
+    if then is not None:
+        codes = [None if c is None else join(c, then) for c in codes]
     inputs = [x for x, _ in task.train] + [x for x, _ in task.test]
     runnable = [(i, c) for i, c in enumerate(codes) if c is not None]
     t0 = time.perf_counter()
@@ -166,6 +179,8 @@ def run_programs(task: Task, answers: list[Generated], pool: SandboxPool) -> Pro
     for i, (g, code) in enumerate(zip(answers, codes)):
         r = results.get(i)
         record = {"text": g.text[:MAX_TEXT], "parsed": code is not None}
+        if then is not None:
+            record["runs_before"] = then[:MAX_TEXT]
         if r is not None:
             solved = sum(same(o, y) for o, (_, y) in zip(r.outputs[:n_demo], task.train))
             exec_errors += not r.ok
@@ -177,12 +192,33 @@ def run_programs(task: Task, answers: list[Generated], pool: SandboxPool) -> Pro
     return Programs(candidates, records, her, sum(c is None for c in codes), exec_errors, sandbox_seconds)
 
 
+REST_SEED = 7_919  # the rest's samples come from a stream apart from the first ones
+
+
+def sample_programs(task: Task, encoder, generator, sampling: Sampling, pool: SandboxPool, adapter: str | None = None,
+                    known: list[dict] = ()) -> Programs:
+    """``sampling.n`` programs for a task, run. With ``--rest-samples`` R, the first n - R come from the task's
+    prompt and the last R from what the best partial program among them and ``known`` (hindsight lines of earlier
+    rounds) leaves to do, each run before it (``refine``); from the task's prompt again (another seed) when no
+    program is partial."""
+    prompt, rest = code_prompt(task, encoder), sampling.rest_samples
+    first = replace(sampling, n=sampling.n - rest, rest_samples=0)
+    ran = run_programs(task, generator.generate([prompt], first, adapter)[0], pool)
+    if not rest:
+        return ran
+    partial, then = best_partial(task, [*known, *ran.her]), None
+    if partial is not None:
+        then = partial["code"]
+        prompt = code_prompt(rest_task(task, [np.asarray(o, dtype=np.uint8) for o in partial["outputs"]]), encoder)
+    second = replace(sampling, n=rest, seed=sampling.seed + REST_SEED, rest_samples=0)
+    return ran.extended(run_programs(task, generator.generate([prompt], second, adapter)[0], pool, then))
+
+
 def score_code_task(solve: SolveOptions, task: Task, encoder, generator, adapter, sampling: Sampling,
                     pool: SandboxPool) -> tuple[dict, list[dict], list[dict]]:
-    answers: list[Generated] = generator.generate([code_prompt(task, encoder)], sampling, adapter)[0]
-    ran = run_programs(task, answers, pool)
+    ran = sample_programs(task, encoder, generator, sampling, pool, adapter)
     scores = score_task(task, ran.candidates)
-    result = {"samples": len(answers), "parse_errors": ran.parse_errors, "exec_errors": ran.exec_errors,
+    result = {"samples": len(ran.records), "parse_errors": ran.parse_errors, "exec_errors": ran.exec_errors,
               "programs": len(ran.candidates), "train_correct": scores["train_correct"],
               "attempts": scores["attempts"], "sandbox_seconds": ran.sandbox_seconds,
               **{k: scores[k] for k in ("pass@1", "pass@2", "pass@all", "arc_score") if k in scores}}

@@ -30,7 +30,8 @@ class GenerationEval:
         tasks, _ = load_tasks(opts.tasks, cfg.data.skip_invalid, synthetic=cfg.synthetic)
         self.tasks = [t for t in tasks if t.test][:opts.max_tasks][rank::world]
         self.encoder, self.rank = encoder, rank
-        self.sampling = Sampling(opts.samples, 1.0, 0.95, opts.max_new_tokens, 8, cfg.data.seed)
+        self.sampling = Sampling(n=opts.samples, temperature=1.0, top_p=0.95, max_new_tokens=opts.max_new_tokens,
+                                 batch_size=8, seed=cfg.data.seed)
         self.pool = pool_from(cfg.sandbox) if kind == "code" else None
         if self.pool is not None and (self.pool.isolation["missing"] or self.pool.isolation["unsafe"]):
             note(f"--eval-tasks programs run with sandbox layers {', '.join(self.pool.isolation['layers'])} only "
