@@ -102,3 +102,16 @@ def test_rest_samples_go_on_from_the_best_partial_program(tiny_tokenizer, pool):
     answers[tuple(code_prompt(task, encoder))] = [f"```python\n{LINE}\n```"]
     ran = sample_programs(task, encoder, ReplayGenerator(answers), Sampling(n=2, rest_samples=1), pool)
     assert len(ran.records) == 2 and "runs_before" not in ran.records[1]
+
+
+def test_rest_steps_go_on_from_the_joined_programs_of_the_steps_before(tiny_tokenizer, pool):
+    task = two_call_task()
+    encoder = build_encoder(tiny_tokenizer, DataOptions())
+    halfway = join(HALF, PIXEL)  # what step 1 should give: the lower half and the pixel, 3 cells of 4
+    answers = {tuple(code_prompt(task, encoder)): [f"```python\n{PIXEL}\n```"],
+               tuple(code_prompt(rest_task(task, outputs_of(PIXEL, task)), encoder)): [f"```python\n{HALF}\n```"],
+               tuple(code_prompt(rest_task(task, outputs_of(halfway, task)), encoder)): [f"```python\n{RECT}\n```"]}
+    ran = sample_programs(task, encoder, ReplayGenerator(answers), Sampling(n=3, rest_samples=2, rest_steps=2), pool)
+    assert [r.get("runs_before") for r in ran.records] == [None, PIXEL, halfway]
+    assert [c.train_correct for c in ran.candidates] == [False, False, True]
+    assert ran.candidates[2].code.count("draw_") == 3

@@ -17,6 +17,8 @@ def sampling_problem(sampling: Sampling) -> str | None:
     if sampling.rest_samples >= sampling.n:
         return (f"--rest-samples {sampling.rest_samples} must be less than --samples {sampling.n}: the rest is "
                 "written for a partial program among the others")
+    if sampling.rest_samples and sampling.rest_steps > sampling.rest_samples:
+        return f"--rest-steps {sampling.rest_steps} is more than --rest-samples {sampling.rest_samples}"
     return None
 
 

@@ -47,6 +47,8 @@ class Sampling:
                                "search-and-learn), this many are written for what the best partial program leaves "
                                "to do (one that draws part of every demo output and nothing wrong: the demo outputs "
                                "with its changes taken out) and run before it (0: none; see docs/SEARCH.md).", min=0)
+    rest_steps: int = option(1, "--rest-samples are taken in this many steps, each going on from the best partial "
+                             "program so far, the joined programs of the steps before it included.", min=1)
 
 
 @dataclass(frozen=True)

@@ -198,20 +198,22 @@ REST_SEED = 7_919  # the rest's samples come from a stream apart from the first 
 def sample_programs(task: Task, encoder, generator, sampling: Sampling, pool: SandboxPool, adapter: str | None = None,
                     known: list[dict] = ()) -> Programs:
     """``sampling.n`` programs for a task, run. With ``--rest-samples`` R, the first n - R come from the task's
-    prompt and the last R from what the best partial program among them and ``known`` (hindsight lines of earlier
-    rounds) leaves to do, each run before it (``refine``); from the task's prompt again (another seed) when no
-    program is partial."""
-    prompt, rest = code_prompt(task, encoder), sampling.rest_samples
+    prompt and the last R, in ``--rest-steps`` steps, from what the best partial program so far (among the programs
+    before the step, and ``known``: hindsight lines of earlier rounds) leaves to do, each run before it (``refine``);
+    from the task's prompt again (another seed) when no program is partial."""
+    prompt, rest, steps = code_prompt(task, encoder), sampling.rest_samples, sampling.rest_steps
     first = replace(sampling, n=sampling.n - rest, rest_samples=0)
     ran = run_programs(task, generator.generate([prompt], first, adapter)[0], pool)
-    if not rest:
-        return ran
-    partial, then = best_partial(task, [*known, *ran.her]), None
-    if partial is not None:
-        then = partial["code"]
-        prompt = code_prompt(rest_task(task, [np.asarray(o, dtype=np.uint8) for o in partial["outputs"]]), encoder)
-    second = replace(sampling, n=rest, seed=sampling.seed + REST_SEED, rest_samples=0)
-    return ran.extended(run_programs(task, generator.generate([prompt], second, adapter)[0], pool, then))
+    for step in range(steps if rest else 0):
+        partial, then, step_prompt = best_partial(task, [*known, *ran.her]), None, prompt
+        if partial is not None:
+            then = partial["code"]
+            step_prompt = code_prompt(rest_task(task, [np.asarray(o, dtype=np.uint8) for o in partial["outputs"]]),
+                                      encoder)
+        n = rest // steps + (step < rest % steps)
+        second = replace(sampling, n=n, seed=sampling.seed + REST_SEED * (step + 1), rest_samples=0)
+        ran = ran.extended(run_programs(task, generator.generate([step_prompt], second, adapter)[0], pool, then))
+    return ran
 
 
 def score_code_task(solve: SolveOptions, task: Task, encoder, generator, adapter, sampling: Sampling,
