@@ -23,10 +23,11 @@ PHASES = ("sampling", "execution", "learning", "overhead")
 
 
 def run(args: argparse.Namespace, rounds: int, out: Path, extra: list[str]) -> dict:
+    per_round = args.samples // rounds
+    rest = round(args.rest_share * per_round)
     cmd = [sys.executable, "-m", "arc25_fast.cli", "search-and-learn", "--model", args.model, "--tasks", args.tasks,
-           "--rounds", str(rounds), "--samples", str(args.samples // rounds), "--max-steps", str(args.max_steps),
-           "--rest-samples", str(round(args.rest_share * (args.samples // rounds))),
-           "--output-dir", str(out), "--overwrite", *extra]
+           "--rounds", str(rounds), "--samples", str(per_round), "--max-steps", str(args.max_steps),
+           "--rest-samples", str(rest), "--output-dir", str(out), "--overwrite", *extra]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -35,11 +36,10 @@ def run(args: argparse.Namespace, rounds: int, out: Path, extra: list[str]) -> d
     summary = json.loads((out / "search_summary.json").read_text())
     infos = [json.loads(p.read_text()) for p in sorted(out.glob("*/task.json"))]
     order = sorted(infos, key=lambda i: (out / i["task_id"] / "task.json").stat().st_mtime)  # as they finished
-    first, rest = order[0], order[1:]
+    first, later = order[0], order[1:]
     phases = {p: sum(i["phases"][p] for i in infos) for p in PHASES}
-    after_first = {p: sum(i["phases"][p] for i in rest) for p in PHASES}
-    return {"rounds": rounds, "samples_per_round": args.samples // rounds,
-            "rest_samples_per_round": round(args.rest_share * (args.samples // rounds)), "process_seconds": wall,
+    after_first = {p: sum(i["phases"][p] for i in later) for p in PHASES}
+    return {"rounds": rounds, "samples_per_round": per_round, "rest_samples_per_round": rest, "process_seconds": wall,
             "setup_seconds": summary["setup_seconds"], "task_seconds": sum(phases.values()), "phases": phases,
             "first_task_seconds": sum(first["phases"].values()),
             "overhead_fraction_after_first": after_first["overhead"] / max(sum(after_first.values()), 1e-9),
