@@ -12,7 +12,9 @@ SAMPLE=(--verify-samples 0 --temperature 1.0 --max-new-tokens 128)
 BLACK=(--synthetic-max-calls 1 --synthetic-min-side 3 --synthetic-max-side 6 --synthetic-noise 0
        --synthetic-background 0)
 SEARCH=(--lr 0.002 --warmup-steps 1 --max-steps 4 --max-tokens 4096 --hindsight-per-task 16 --stop-when-solved)
-REST=(--rest-samples 4 --rest-steps 2)  # of 8 programs, 4 go on from the best partial one, in 2 steps (solving/refine.py)
+# of 8 programs, 4 go on from the best partial one, in 2 steps; the first 4 are written for each colour's changes apart
+# where a task's outputs change cells to several colours (solving/refine.py)
+REST=(--rest-samples 4 --rest-steps 2 --split-colors)
 SETS=$OUT/varied-tasks
 
 echo "== 1. train on black canvases, sides 3-6: $(date -u +%T)"
@@ -33,7 +35,7 @@ done
 echo "== 5. search-and-learn at 32 programs per task: 1 round of 32, 2 of 16, 4 of 8: $(date -u +%T)"
 python benchmarks/search_and_learn.py --model "$OUT/both/model" --tasks "kaggle:$SETS/one_call_challenges.json" \
   --samples 32 --rounds 1,2,4 --rest-share 0.5 --json "$OUT/search_varied.json" -- "${SAMPLE[@]}" "${SEARCH[@]}" \
-  --rest-steps 2
+  --rest-steps 2 --split-colors
 echo "== done: $(date -u +%T)"
 python - "$OUT" <<'EOF'
 import json, sys

@@ -137,7 +137,9 @@ def test_bad_evaluate_input_is_one_line(flip, tmp_path, busy_core):
               "--rest-samples 4 must be less than --samples 4"),
              (["--model", "/nonexistent", "--rest-samples", "2"], "--rest-samples applies to --prompt-kind code"),
              (["--model", "/nonexistent", "--prompt-kind", "code", "--rest-samples", "2", "--rest-steps", "3"],
-              "--rest-steps 3 is more than --rest-samples 2")]
+              "--rest-steps 3 is more than --rest-samples 2"),
+             (["--model", "/nonexistent", "--prompt-kind", "code", "--split-colors"],
+              "--split-colors writes the first programs for one colour each")]
     if not torch.cuda.is_available():
         cases.append((["--model", "/nonexistent", "--decode", "graph"], "--decode graph replays CUDA graphs"))
     for extra, message in cases:

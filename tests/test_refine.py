@@ -10,7 +10,7 @@ from arc25_fast.data.tasks import Task
 from arc25_fast.sandbox.pool import SandboxPool
 from arc25_fast.solving.generation import ReplayGenerator
 from arc25_fast.solving.options import Sampling
-from arc25_fast.solving.refine import best_partial, join, progress, rest_task
+from arc25_fast.solving.refine import best_partial, color_tasks, join, progress, rest_task
 from arc25_fast.solving.solver import code_prompt, sample_programs
 
 LINE = "def task(img):\n    draw_line(img, point1=(0, 0), point2=(0, 3), color=4)\n    return img"
@@ -115,3 +115,36 @@ def test_rest_steps_go_on_from_the_joined_programs_of_the_steps_before(tiny_toke
     assert [r.get("runs_before") for r in ran.records] == [None, PIXEL, halfway]
     assert [c.train_correct for c in ran.candidates] == [False, False, True]
     assert ran.candidates[2].code.count("draw_") == 3
+
+
+def test_a_task_split_by_colour_keeps_one_colours_changes_in_each_part():
+    task = two_call_task()
+    (rect_color, rect_part), (pixel_color, pixel_part) = color_tasks(task)  # the rectangle's 3 visible cells first
+    assert (rect_color, pixel_color) == (2, 7)
+    for (x, y), (rx, ry), (px, py) in zip(task.train, rect_part.train, pixel_part.train):
+        assert rx is x and px is x
+        assert (ry == 2).sum() == 3 and ry[1, 1] == x[1, 1] and ((ry == 2) | (ry == x)).all()
+        assert np.array_equal(py, run_code(PIXEL, [x])[0])
+    assert pixel_part.test == task.test
+    one_colour = Task("one", [(x, run_code(RECT, [x])[0]) for x, _ in task.train], task.test)
+    assert color_tasks(one_colour) == []
+    reshaped = Task("shape", [(x, y[:-1]) for x, y in task.train], task.test)
+    assert color_tasks(reshaped) == []
+
+
+def test_split_colors_writes_the_first_programs_for_each_colour_then_goes_on_from_them(tiny_tokenizer, pool):
+    task = two_call_task()
+    encoder = build_encoder(tiny_tokenizer, DataOptions())
+    (_, rect_part), (_, pixel_part) = color_tasks(task)
+    answers = {tuple(code_prompt(rect_part, encoder)): [f"```python\n{LINE}\n```"],
+               tuple(code_prompt(pixel_part, encoder)): [f"```python\n{PIXEL}\n```"],
+               tuple(code_prompt(rest_task(task, outputs_of(PIXEL, task)), encoder)): [f"```python\n{RECT}\n```"]}
+    # the task's own prompt has no answers here: the replay generator would fail if it were asked for one
+    ran = sample_programs(task, encoder, ReplayGenerator(answers),
+                          Sampling(n=3, rest_samples=1, split_colors=True), pool)
+    assert [r.get("runs_before") for r in ran.records] == [None, None, PIXEL]
+    assert [r.get("written_for_color") for r in ran.records] == [2, 7, None]
+    assert [c.train_correct for c in ran.candidates] == [False, False, True]
+    # without --split-colors the first programs come from the task's own prompt
+    with pytest.raises(KeyError):
+        sample_programs(task, encoder, ReplayGenerator(answers), Sampling(n=3, rest_samples=1), pool)

@@ -180,7 +180,9 @@ def _wait_for(predicate, proc: subprocess.Popen, seconds: float = 240.0) -> None
 
 @pytest.mark.slow
 def test_resume_after_kill_9_continues_at_the_next_round_with_the_same_answers(program_model, tmp_path):
-    rest = ("--rest-samples", "2")  # the rest's partial programs come from the rounds on disk too
+    # the rest's partial programs come from the rounds on disk too; two of the three tasks draw in two colours, and
+    # their first programs are written for each colour apart
+    rest = ("--rest-samples", "2", "--split-colors", "--synthetic-max-calls", "2")
     straight = tmp_path / "straight"
     invoke(search_args(program_model, straight, *rest))
     out = tmp_path / "killed"

@@ -19,6 +19,8 @@ def sampling_problem(sampling: Sampling) -> str | None:
                 "written for a partial program among the others")
     if sampling.rest_samples and sampling.rest_steps > sampling.rest_samples:
         return f"--rest-steps {sampling.rest_steps} is more than --rest-samples {sampling.rest_samples}"
+    if sampling.split_colors and not sampling.rest_samples:
+        return "--split-colors writes the first programs for one colour each: it needs --rest-samples to go on from them"
     return None
 
 

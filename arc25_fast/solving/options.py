@@ -49,6 +49,10 @@ class Sampling:
                                "with its changes taken out) and run before it (0: none; see docs/SEARCH.md).", min=0)
     rest_steps: int = option(1, "--rest-samples are taken in this many steps, each going on from the best partial "
                              "program so far, the joined programs of the steps before it included.", min=1)
+    split_colors: bool = option(False, "Code prompts, with --rest-samples: where the demo outputs change cells to "
+                                "two colours or more, the first programs are written for each colour's changes "
+                                "apart (the others taken out; most cells first), so that one call's part can be "
+                                "found and gone on from (docs/SEARCH.md).")
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,12 @@ and its demo outputs with the partial program's changes taken back out. A progra
 the partial one (whose changes show in the outputs, so they go on top), is one program for the original task; it is
 run and ranked like any other. The model so only ever reads inputs like the task's own, and a task that needs two
 steps is two tasks it can solve one step at a time.
+
+A task whose outputs change cells to several colours is also split by colour (``color_tasks``): each part keeps one
+colour's changes, so a model that writes one call at a time finds the call drawn on top as a partial program.
 """
 import ast
+from collections import Counter
 
 import numpy as np
 
@@ -46,6 +50,21 @@ def rest_task(task: Task, outputs: list[np.ndarray]) -> Task:
     """What a partial program leaves to do: the task's demo outputs with the changes it made (``outputs``, on the
     demo inputs) taken back out."""
     return Task(task.task_id, [(x, np.where(o != x, x, y)) for o, (x, y) in zip(outputs, task.train)], task.test)
+
+
+def color_tasks(task: Task) -> list[tuple[int, Task]]:
+    """The task split by the colours its demo outputs change cells to, most cells first: each colour, and the task
+    with only its changes (the others taken back out), so that the part one call draws is a task of its own. Empty
+    where the outputs change cells to fewer than two colours or differ in shape from their inputs."""
+    if any(x.shape != y.shape for x, y in task.train):
+        return []
+    cells = Counter()
+    for x, y in task.train:
+        cells.update(y[y != x].tolist())
+    if len(cells) < 2:
+        return []
+    return [(c, Task(task.task_id, [(x, np.where(y == c, y, x)) for x, y in task.train], task.test))
+            for c, _ in cells.most_common()]
 
 
 def join(first: str, then: str) -> str | None:

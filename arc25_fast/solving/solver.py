@@ -18,7 +18,7 @@ from ..runtime.rng import Rng
 from ..sandbox.pool import RunResult, SandboxPool
 from .decoding import Generated
 from .options import Sampling, SolveOptions
-from .refine import best_partial, join, rest_task
+from .refine import best_partial, color_tasks, join, rest_task
 from .scoring import Candidate, extract_code, her_line, inverse_transform, parse_grid, same, score_task
 
 MAX_TEXT = 4000  # characters of each sample kept in predictions.jsonl
@@ -198,12 +198,21 @@ REST_SEED = 7_919  # the rest's samples come from a stream apart from the first 
 def sample_programs(task: Task, encoder, generator, sampling: Sampling, pool: SandboxPool, adapter: str | None = None,
                     known: list[dict] = ()) -> Programs:
     """``sampling.n`` programs for a task, run. With ``--rest-samples`` R, the first n - R come from the task's
-    prompt and the last R, in ``--rest-steps`` steps, from what the best partial program so far (among the programs
-    before the step, and ``known``: hindsight lines of earlier rounds) leaves to do, each run before it (``refine``);
-    from the task's prompt again (another seed) when no program is partial."""
+    prompt (with ``--split-colors``, shared out over its colours' parts, ``refine.color_tasks``) and the last R, in
+    ``--rest-steps`` steps, from what the best partial program so far (among the programs before the step, and
+    ``known``: hindsight lines of earlier rounds) leaves to do, each run before it (``refine``); from the task's
+    prompt again (another seed) when no program is partial."""
     prompt, rest, steps = code_prompt(task, encoder), sampling.rest_samples, sampling.rest_steps
-    first = replace(sampling, n=sampling.n - rest, rest_samples=0)
-    ran = run_programs(task, generator.generate([prompt], first, adapter)[0], pool)
+    n_first = sampling.n - rest
+    parts = (color_tasks(task)[:n_first] if rest and sampling.split_colors else []) or [(None, task)]
+    ran = None
+    for k, (color, part) in enumerate(parts):
+        first = replace(sampling, n=n_first // len(parts) + (k < n_first % len(parts)), rest_samples=0)
+        more = run_programs(task, generator.generate([prompt if part is task else code_prompt(part, encoder)], first,
+                                                     adapter)[0], pool)
+        for record in more.records if color is not None else ():
+            record["written_for_color"] = color
+        ran = more if ran is None else ran.extended(more)
     for step in range(steps if rest else 0):
         partial, then, step_prompt = best_partial(task, [*known, *ran.her]), None, prompt
         if partial is not None:
