@@ -205,24 +205,30 @@ def sample_programs(task: Task, encoder, generator, sampling: Sampling, pool: Sa
     prompt, rest, steps = code_prompt(task, encoder), sampling.rest_samples, sampling.rest_steps
     n_first = sampling.n - rest
     parts = (color_tasks(task)[:n_first] if rest and sampling.split_colors else []) or [(None, task)]
-    ran = None
+    ran = Programs([], [], [], 0, 0, 0.0)
     for k, (color, part) in enumerate(parts):
-        first = replace(sampling, n=n_first // len(parts) + (k < n_first % len(parts)), rest_samples=0)
+        first = replace(sampling, n=_share(n_first, len(parts), k), rest_samples=0)
         more = run_programs(task, generator.generate([prompt if part is task else code_prompt(part, encoder)], first,
                                                      adapter)[0], pool)
-        for record in more.records if color is not None else ():
-            record["written_for_color"] = color
-        ran = more if ran is None else ran.extended(more)
+        if color is not None:
+            for record in more.records:
+                record["written_for_color"] = color
+        ran = ran.extended(more)
     for step in range(steps if rest else 0):
         partial, then, step_prompt = best_partial(task, [*known, *ran.her]), None, prompt
         if partial is not None:
             then = partial["code"]
             step_prompt = code_prompt(rest_task(task, [np.asarray(o, dtype=np.uint8) for o in partial["outputs"]]),
                                       encoder)
-        n = rest // steps + (step < rest % steps)
-        second = replace(sampling, n=n, seed=sampling.seed + REST_SEED * (step + 1), rest_samples=0)
+        second = replace(sampling, n=_share(rest, steps, step), seed=sampling.seed + REST_SEED * (step + 1),
+                         rest_samples=0)
         ran = ran.extended(run_programs(task, generator.generate([step_prompt], second, adapter)[0], pool, then))
     return ran
+
+
+def _share(total: int, parts: int, k: int) -> int:
+    """Part ``k``'s share of ``total`` samples split over ``parts``, the first ones taking what does not divide."""
+    return total // parts + (k < total % parts)
 
 
 def score_code_task(solve: SolveOptions, task: Task, encoder, generator, adapter, sampling: Sampling,
