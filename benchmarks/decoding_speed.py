@@ -14,7 +14,10 @@
   (``graph``); each with its ratio to ``generate``;
 - scoring: candidates scored under augmented views with the view's prompt prefilled once, against one full forward
   per (view, candidate);
-- DFS: candidates and seconds per task at each --min-prob.
+- DFS: candidates and seconds per task at each --min-prob;
+- fresh: K more samples per prompt leaving out K drawn before (``exclude``: the earlier ones scored on the prompt's
+  cache, then a trie walked while decoding; search-and-learn's ``--fresh-programs``) against the same K sampled as if
+  nothing had been drawn, and how many samples repeat an earlier one in each.
 """
 import argparse
 import json
@@ -22,6 +25,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -94,7 +98,7 @@ def main() -> None:
     report = {"command": " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
               f"{args.threads} thread(s), {gpu}", "device": str(device), "dtype": str(dtype).split(".")[-1],
               "tasks": len(tasks), "prompt_tokens": [len(p) for p in prompts],
-              "sampling": [], "scoring": {}, "dfs": []}
+              "sampling": [], "scoring": {}, "dfs": [], "fresh": []}
     print(f"{len(tasks)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens")
     methods = [("generate", False, "hf"), ("shared prefix", True, "hf"), ("static step", True, "static")]
     if device.type == "cuda":
@@ -151,6 +155,21 @@ def main() -> None:
             seconds.append(s)
         report["dfs"].append({"min_prob": p, "candidates_per_task": counts, "seconds_per_task": seconds})
         print(f"DFS min-prob {p}: {np.mean(counts):.1f} candidates, {np.mean(seconds):.2f} s per task")
+    for k in [int(x) for x in args.ks.split(",")] if "fresh" in sections else []:
+        gen = HFGenerator(model, tokenizer, stop, device)
+        first = Sampling(k, 1.0, 0.95, args.max_new_tokens, 1, 0, "static")
+        earlier = [[g.ids for g in answers] for answers in gen.generate(prompts, first)]
+        again = replace(first, seed=1)
+        plain, plain_s = timed(lambda: synced(device, lambda: gen.generate(prompts, again)))
+        fresh, fresh_s = timed(lambda: synced(device, lambda: gen.generate(prompts, again, exclude=earlier)))
+
+        def repeats(out):
+            return sum(g.ids in before for answers, before in zip(out, earlier) for g in answers)
+        report["fresh"].append({"k": k, "plain_seconds": plain_s, "fresh_seconds": fresh_s,
+                                "fresh_vs_plain": fresh_s / plain_s, "plain_repeats": repeats(plain),
+                                "fresh_repeats": repeats(fresh), "samples": k * len(prompts)})
+        print(f"fresh K={k}: {fresh_s / plain_s:.2f}x the time of plain sampling; samples repeating an earlier one: "
+              f"{repeats(plain)} plain, {repeats(fresh)} fresh, of {k * len(prompts)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

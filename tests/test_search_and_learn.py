@@ -182,6 +182,7 @@ def _wait_for(predicate, proc: subprocess.Popen, seconds: float = 240.0) -> None
 def test_resume_after_kill_9_continues_at_the_next_round_with_the_same_answers(program_model, tmp_path):
     # the rest's partial programs come from the rounds on disk too; two of the three tasks draw in two colours, and
     # their first programs are written for each colour apart
+    # round 2 leaves out what each prompt drew in round 1 (--fresh-programs): on disk too
     rest = ("--rest-samples", "2", "--split-colors", "--synthetic-max-calls", "2")
     straight = tmp_path / "straight"
     invoke(search_args(program_model, straight, *rest))
@@ -204,6 +205,29 @@ def test_resume_after_kill_9_continues_at_the_next_round_with_the_same_answers(p
             assert x["candidates"] == y["candidates"] and x["attempts"] == y["attempts"]
             assert (x["learning"] or {}).get("losses") == (y["learning"] or {}).get("losses")
     assert json.loads((straight / "submission.json").read_text()) == json.loads((out / "submission.json").read_text())
+
+
+@pytest.mark.slow
+def test_fresh_programs_never_draws_again_what_a_prompt_drew_in_an_earlier_round(program_model, tmp_path):
+    """With --fresh-programs (the default), each round records what each prompt drew and no prompt draws a program it
+    drew before; the first round draws what it would without the option, and a later round draws otherwise (the
+    earlier programs' mass is taken out; ``test_decoding`` checks that the rest keeps its proportions)."""
+    plain, fresh = tmp_path / "plain", tmp_path / "fresh"
+    cooler = ("--rounds", "3", "--temperature", "0.3", "--top-p", "1.0")  # earlier programs hold more of the mass
+    invoke(search_args(program_model, plain, *cooler, "--no-fresh-programs"))
+    invoke(search_args(program_model, fresh, *cooler))  # --fresh-programs is the default
+    changed = 0
+    for i in range(3):
+        before, after = rounds_of(plain, f"synthetic-1000-000{i}"), rounds_of(fresh, f"synthetic-1000-000{i}")
+        assert before[0]["candidates"] == after[0]["candidates"]
+        changed += sum(b["candidates"] != a["candidates"] for b, a in zip(before[1:], after[1:]))
+        drawn: dict[str, set] = {}
+        for r in after:
+            assert sum(map(len, r["drawn"].values())) == r["samples"] == 6  # one prompt per task: no rest samples
+            for key, ids in r["drawn"].items():
+                assert not drawn.setdefault(key, set()) & {tuple(x) for x in ids}
+                drawn[key] |= {tuple(x) for x in ids}
+    assert changed > 0
 
 
 def _free_port() -> int:

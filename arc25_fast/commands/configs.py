@@ -89,6 +89,11 @@ class SearchOptions:
                                     "first either way).")
     demo_weight: float = option(0.0, "Weight of the task's own demo pairs (leave-one-out output tasks) in each "
                                 "learning phase, beside its hindsight tasks at weight 1 (0: hindsight only).", min=0.0)
+    fresh_programs: bool = option(True, "No prompt of a task samples a program it drew before, in an earlier round "
+                                  "or rest step: each samples from the model's distribution with the mass of its "
+                                  "earlier programs (scored under the weights as they are now) taken out, sampling "
+                                  "without replacement across rounds (docs/SEARCH.md; --no-fresh-programs: sample "
+                                  "each time as if nothing had been drawn).")
 
 
 @dataclass

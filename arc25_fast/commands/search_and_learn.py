@@ -6,7 +6,8 @@ queue, ``task_queue``): the trainable weights are reset in place; optionally tes
 then ``--rounds`` rounds of
 
 1. sample ``--samples`` programs with the task's current weights (seeded by task and round; with
-   ``--rest-samples`` some of them for what the best partial program so far leaves to do, run before it),
+   ``--rest-samples`` some of them for what the best partial program so far leaves to do, run before it), none
+   that its prompt drew in an earlier round or step (``--fresh-programs``, the default: ``solving/drawn.py``),
 2. run them on the task's train and test inputs in the sandbox,
 3. one hindsight task per distinct set of outputs (the inputs, the outputs the program really produced, the
    program), pooled over the rounds so far; at most ``--hindsight-per-task`` kept, half the best and half the worst
@@ -17,9 +18,10 @@ then ``--rounds`` rounds of
 With ``--stop-when-solved`` a task ends after the first round with a program right on every demo pair.
 
 The answers are the evaluate ranking over every round's programs. Each finished round appends a line to
-``<task_id>/rounds.jsonl`` (its programs' answers, its hindsight tasks, its statistics) after the weights it ends
-with are saved, so ``--resume`` after ``kill -9`` continues at the first unfinished round with exactly those
-weights, and a seeded run gives the same answers whether or not it was stopped. ``<task_id>/task.json`` marks a
+``<task_id>/rounds.jsonl`` (its programs' answers, its hindsight tasks, the token ids each prompt drew, its
+statistics) after the weights it ends with are saved, so ``--resume`` after ``kill -9`` continues at the first
+unfinished round with exactly those weights and earlier programs, and a seeded run gives the same answers whether or
+not it was stopped. ``<task_id>/task.json`` marks a
 finished task. ``search_summary.json`` and ``submission.json`` are rebuilt from the finished tasks after each one,
 ``hindsight.jsonl`` (every task's own ``<task_id>/hindsight.jsonl``) at the end of the run.
 
@@ -52,6 +54,7 @@ from ..runtime.options import ConfigError
 from ..runtime.startup import Started, start
 from ..runtime.task_queue import TaskQueue
 from ..sandbox.pool import SandboxPool, pool_from
+from ..solving.decoding import supports
 from ..solving.generation import HFGenerator, sampling_mode, sampling_problem
 from ..solving.scoring import Candidate, score_task, write_submission
 from ..solving.solver import SCORES, Programs, checked_her, end_of_turn_ids, sample_programs
@@ -134,16 +137,21 @@ class Searcher:
         self.start = snapshot(packed)
         self.generator = HFGenerator(packed.model, self.tokenizer, end_of_turn_ids(self.tokenizer, encoder), device,
                                      adapters=False)
+        if cfg.search.fresh_programs and not self.generator.prefix_sharing:
+            raise ConfigError(f"--fresh-programs needs shared-prefix sampling, which {cfg.model.name} cannot use "
+                              f"({supports(packed.model)}): give --no-fresh-programs")
         self.specials = special_texts(self.tokenizer)
         self.aug = cfg.augmentation
 
-    def sample(self, task: Task, round_: int, entries: list[dict]) -> Programs:
+    def sample(self, task: Task, round_: int, entries: list[dict], drawn: dict[str, list[list[int]]]) -> Programs:
         """``--samples`` programs from the model as it is now (SDPA attention and eval mode meanwhile), run; with
-        ``--rest-samples`` some go on from the best partial program so far (``entries``: earlier rounds')."""
+        ``--rest-samples`` some go on from the best partial program so far (``entries``: earlier rounds'); with
+        ``--fresh-programs`` none that its prompt drew before (``drawn``, updated)."""
         cfg = self.cfg
         sampling = replace(cfg.sampling, seed=cfg.data.seed + 1_000_003 * round_)
         with sampling_mode(self.packed):
-            return sample_programs(task, self.encoder, self.generator, sampling, self.pool, known=entries)
+            return sample_programs(task, self.encoder, self.generator, sampling, self.pool, known=entries,
+                                   drawn=drawn if cfg.search.fresh_programs else None)
 
     def learn(self, mix: Mix, task_id: str, phase: str, steps: int) -> dict:
         torch.manual_seed(stream_id(task_id, phase))  # e.g. LoRA dropout: the same on a resumed run
@@ -180,12 +188,16 @@ class Searcher:
         candidates = [candidate_from_json(c) for r in done for c in r["candidates"]]
         entries = [e for r in done for e in r["hindsight"]]
         seen = {outputs_key(e["outputs"]) for e in entries}
+        drawn: dict[str, list[list[int]]] = {}
+        for r in done:
+            for key, ids in r.get("drawn", {}).items():
+                drawn.setdefault(key, []).extend(ids)
         if cfg.search.ttt_steps and not done:
             done.append(self.ttt(task, task_dir))
         for round_ in range(sum(r["round"] > 0 for r in done) + 1, cfg.search.rounds + 1):
             if done and self.ends(done[-1].get("solved_train", False)):
                 break
-            done.append(self.round(task, task_dir, round_, candidates, entries, seen))
+            done.append(self.round(task, task_dir, round_, candidates, entries, seen, drawn))
         return self.finish(task, task_dir, done, candidates, entries, time.perf_counter() - t_task)
 
     def ends(self, solved_train: bool) -> bool:
@@ -205,13 +217,14 @@ class Searcher:
         return record
 
     def round(self, task: Task, task_dir: Path, round_: int, candidates: list[Candidate], entries: list[dict],
-              seen: set[str]) -> dict:
+              seen: set[str], drawn: dict[str, list[list[int]]]) -> dict:
         cfg = self.cfg
         if self.signals.requested:
             self.check_stop({"status": "stopped"}, task.task_id)
         t0 = time.perf_counter()
         generated = self.generator.seconds
-        ran = self.sample(task, round_, entries)
+        before = {key: len(ids) for key, ids in drawn.items()}
+        ran = self.sample(task, round_, entries, drawn)
         sampling_s = self.generator.seconds - generated
         offset = (round_ - 1) * cfg.sampling.n  # "first sample" ranks over all rounds in order
         new = [Candidate(c.test_outputs, c.demos_solved, c.demos_total, c.index + offset, c.code)
@@ -250,7 +263,10 @@ class Searcher:
                   **{k: scores[k] for k in ("pass@1", "pass@2", "pass@all") if k in scores},
                   "attempts": [[a.tolist() for a in per_test] for per_test in scores["attempts"]],
                   "learning": learned, "weights": weights,  # None: it ends with the weights it started with
-                  "candidates": [candidate_json(c) for c in new], "hindsight": fresh}
+                  "candidates": [candidate_json(c) for c in new], "hindsight": fresh,
+                  # each prompt's programs drawn this round (token ids), left out of its later rounds
+                  "drawn": {key: ids[before.get(key, 0):] for key, ids in drawn.items()
+                            if len(ids) > before.get(key, 0)}}
         record["seconds"] = self.split(time.perf_counter() - t0, sampling_s, ran.sandbox_seconds, learned)
         self.append(task_dir, record)
         return record
@@ -381,6 +397,9 @@ def check_inputs(cfg: SearchConfig, s: Started) -> tuple[list[Task], object]:
     cfg.sandbox.isolation_layers()
     if problem := sampling_problem(cfg.sampling):
         raise ConfigError(problem)
+    if cfg.search.fresh_programs and cfg.sampling.temperature <= 0:
+        raise ConfigError("--fresh-programs leaves earlier programs out of a sampled distribution: it needs "
+                          "--temperature above 0 (greedy decoding: give --no-fresh-programs)")
     tasks, report = load_tasks(cfg.tasks.source, cfg.data.skip_invalid, synthetic=cfg.synthetic)
     if report.skipped:
         note(f"{cfg.tasks.source}: skipped {len(report.skipped)} invalid task(s), first: {report.skipped[0]}", s.rank)

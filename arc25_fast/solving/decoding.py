@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import drawn
 from .static_decode import DecodeStep, StaticKV, unsupported
 
 
@@ -32,6 +33,7 @@ class Generated:
     text: str
     tokens: int
     logprob: float | None = None  # the completion's log-probability (depth-first search)
+    ids: list[int] | None = None  # the token ids drawn, stop token excluded (shared-prefix sampling)
 
 
 @dataclass
@@ -70,37 +72,29 @@ def row_generator(seed: int, prompt: list[int], k: int, device: torch.device) ->
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generators: list[torch.Generator]) -> list[int]:
-    """One token per row: greedy at temperature 0, else nucleus sampling with each row's own generator."""
-    if temperature <= 0:
-        return logits.argmax(-1).tolist()
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set reaching top_p
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
-    # each row draws from its own generator (the same samples whatever the batch); one read of all rows' tokens
-    return torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generators)]).tolist()
-
-
 DECODERS = ("static", "graph", "hf")
+TRIE_LOGITS = 1 << 28  # the most logits one group of earlier completions is scored with (1 GB in float32)
 
 
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int,
            stop_ids: list[int], seed: int, batch_size: int, device: torch.device,
-           decode: str = "static") -> list[list[list[int]]]:
+           decode: str = "static", exclude: list[list[list[int]]] | None = None) -> list[list[list[int]]]:
     """``n`` completions (token ids, stop token excluded) per prompt. Prompts decode together in groups of at most
     ``batch_size`` whose lengths are close (within a quarter, or 64 tokens), so the shared cache is padded little.
 
     ``decode``: ``static`` (``static_decode.DecodeStep``: fixed shapes on preallocated KV tensors), ``graph`` (the
-    same step replayed as a CUDA graph) or ``hf`` (transformers' forward on a ``DynamicCache``); the same samples."""
+    same step replayed as a CUDA graph) or ``hf`` (transformers' forward on a ``DynamicCache``); the same samples.
+
+    ``exclude``: per prompt, completions it drew before (as returned here), left out of its samples (``drawn``)."""
     if decode not in DECODERS:
         raise ValueError(f"decode {decode!r}: use one of {', '.join(DECODERS)}")
     if decode != "hf" and (why := unsupported(_lm(model))):
         raise ValueError(f"--decode {decode}: {why}; use --decode hf")
     if decode == "graph" and device.type != "cuda":
         raise ValueError(f"--decode graph replays CUDA graphs; the device is {device}: use --decode static")
+    if exclude is not None and temperature <= 0:
+        raise ValueError("leaving out earlier completions needs sampling (temperature > 0), not greedy decoding")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     groups: list[list[int]] = []
     for i in order:
@@ -110,35 +104,88 @@ def sample(model, prompts: list[list[int]], n: int, temperature: float, top_p: f
             groups.append([i])
     out: list[list[list[int]]] = [[] for _ in prompts]
     for group in groups:
-        batch = Batch(model, [prompts[i] for i in group], n, seed, device)
-        args = (temperature, top_p, max_new_tokens, set(stop_ids))
-        drawn = _decode_hf(batch, *args) if decode == "hf" else _decode_static(batch, *args, decode == "graph")
-        for i, samples in zip(group, drawn):
+        batch = Batch(model, [prompts[i] for i in group], n, seed, device, Picking(temperature, top_p, stop_ids),
+                      max_new_tokens, None if exclude is None else [exclude[i] for i in group])
+        done = _decode_hf(batch, max_new_tokens) if decode == "hf" else \
+            _decode_static(batch, max_new_tokens, decode == "graph")
+        for i, samples in zip(group, done):
             out[i] = samples
     return out
 
 
-class Batch:
-    """The K x B rows of up to B prompts: each prompt prefilled once, alone; each row's own generator."""
+@dataclass(frozen=True)
+class Picking:
+    """How a row's next token is chosen."""
 
-    def __init__(self, model, prompts: list[list[int]], n: int, seed: int, device: torch.device):
-        self.model, self.prompts, self.n, self.device = model, prompts, n, device
-        self.caches, first = [], []
-        for p in prompts:
+    temperature: float  # 0: greedy
+    top_p: float
+    stop_ids: list[int]
+
+
+class Batch:
+    """The K x B rows of up to B prompts: each prompt prefilled once, alone; each row's own generator; with
+    ``exclude``, each prompt's earlier completions in a trie (``drawn``) that its rows walk down while they follow one."""
+
+    def __init__(self, model, prompts: list[list[int]], n: int, seed: int, device: torch.device, picking: Picking,
+                 max_new_tokens: int, exclude: list[list[list[int]]] | None = None):
+        self.model, self.prompts, self.n, self.device, self.picking = model, prompts, n, device, picking
+        self.stop = set(picking.stop_ids)
+        self.caches, first, tries = [], [], []
+        for i, p in enumerate(prompts):
             logits, cache = _forward(model, torch.tensor([p], device=device), None)
             self.caches.append(cache)
             first.append(logits[0, -1])
+            earlier = exclude[i] if exclude else []
+            tries.append(self.trie(earlier, logits[0, -1], cache, len(p), max_new_tokens) if earlier else None)
         self.lengths = [len(p) for p in prompts]
         self.rows = [(i, k) for i in range(len(prompts)) for k in range(n)]
         self.first = torch.stack([first[i] for i, _ in self.rows])
         self.generators = [row_generator(seed, prompts[i], k, device) for i, k in self.rows]
+        self.nodes: list[drawn.Node | None] = [tries[i] for i, _ in self.rows]  # where each row is in its trie
+        self.following = sum(node is not None for node in self.nodes)  # rows still following an earlier completion
         self.done: list[list[int]] = [[] for _ in self.rows]
 
-    def take(self, active: list[int], tokens: list[int], step: int, max_new_tokens: int, stop: set[int]) -> list[int]:
+    def trie(self, earlier: list[list[int]], first: torch.Tensor, cache, length: int, max_new_tokens: int
+             ) -> drawn.Node:
+        """The trie of a prompt's earlier completions, weighed under the model as it is now: the completions run
+        in groups on copies of the prompt's cache (the prompt is not prefilled again), each group's logits at most
+        ``TRIE_LOGITS`` values (a 150k vocabulary's 1,024 positions are 0.6 GB)."""
+        root, picking = drawn.build(earlier, max_new_tokens), self.picking
+        longest = max(1, max(len(a) for a in earlier))
+        group = max(1, min(8, TRIE_LOGITS // (longest * first.shape[-1])))
+        for b in range(0, len(earlier), group):
+            some = earlier[b:b + group]
+            width = max(1, max(len(a) for a in some))
+            ids = torch.tensor([a + [picking.stop_ids[0]] * (width - len(a)) for a in some], device=self.device)
+            positions = torch.arange(length, length + width, device=self.device).expand(len(some), -1)
+            out, _ = _forward(self.model, ids, _repeat(cache, len(some)), positions)
+            for r, a in enumerate(some):
+                drawn.observe(root, a, torch.cat([first[None], out[r, :len(a)]]), picking.temperature, picking.top_p,
+                              picking.stop_ids)
+        drawn.weigh(root)
+        return root
+
+    def pick(self, logits: torch.Tensor, active: list[int]) -> list[int]:
+        """One token per active row: greedy at temperature 0, else nucleus sampling with each row's own generator,
+        the mass of its prompt's earlier completions left out while the row follows one."""
+        picking = self.picking
+        if picking.temperature <= 0:
+            return logits.argmax(-1).tolist()
+        probs = drawn.probabilities(logits, picking.temperature, picking.top_p)
+        if self.following:
+            probs = drawn.leave_out(probs, [self.nodes[r] for r in active], picking.stop_ids)
+        # each row draws from its own generator (the same samples whatever the batch); one read of all rows' tokens
+        return torch.cat([torch.multinomial(probs[a], 1, generator=self.generators[r])
+                          for a, r in enumerate(active)]).tolist()
+
+    def take(self, active: list[int], tokens: list[int], step: int, max_new_tokens: int) -> list[int]:
         """Record each active row's token; the positions in ``active`` of the rows that go on."""
         keep = []
         for a, (r, t) in enumerate(zip(active, tokens)):
-            if t in stop:
+            if (node := self.nodes[r]) is not None:
+                self.nodes[r] = node.children.get(t)
+                self.following -= self.nodes[r] is None
+            if t in self.stop:
                 continue
             self.done[r].append(t)
             if step + 1 < max_new_tokens:
@@ -149,7 +196,7 @@ class Batch:
         return [[self.done[i * self.n + k] for k in range(self.n)] for i in range(len(self.prompts))]
 
 
-def _decode_hf(batch: Batch, temperature, top_p, max_new_tokens, stop):
+def _decode_hf(batch: Batch, max_new_tokens: int):
     """Transformers' forward per token on one ``DynamicCache``; a finished row leaves the batch at once."""
     from transformers import DynamicCache
 
@@ -165,10 +212,10 @@ def _decode_hf(batch: Batch, temperature, top_p, max_new_tokens, stop):
     # no mask when no row is padded: transformers reads an all-ones mask back to skip it (a sync a step)
     mask = torch.tensor([[0] * (width - lengths[i]) + [1] * lengths[i] for i, _ in rows], device=device) \
         if min(lengths) < width else None
-    tokens = _pick(batch.first, temperature, top_p, batch.generators)
     active = list(range(len(rows)))
+    tokens = batch.pick(batch.first, active)
     for step in range(max_new_tokens):
-        keep = batch.take(active, tokens, step, max_new_tokens, stop)
+        keep = batch.take(active, tokens, step, max_new_tokens)
         if not keep:
             break
         if len(keep) < len(active):  # finished rows leave the batch
@@ -182,23 +229,23 @@ def _decode_hf(batch: Batch, temperature, top_p, max_new_tokens, stop):
         positions = torch.tensor([[lengths[rows[r][0]] + step] for r in active], device=device)
         logits, joint = _forward(batch.model, torch.tensor([[t] for t in tokens], device=device), joint, positions,
                                  mask)
-        tokens = _pick(logits[:, -1], temperature, top_p, [batch.generators[r] for r in active])
+        tokens = batch.pick(logits[:, -1], active)
     return batch.samples()
 
 
-def _decode_static(batch: Batch, temperature, top_p, max_new_tokens, stop, graph: bool):
+def _decode_static(batch: Batch, max_new_tokens: int, graph: bool):
     """``DecodeStep`` on a ``StaticKV`` sized for the longest answer. A finished row keeps its slot (fixed shapes)
     until at most half the slots are live; then the live rows move to a step of their own size."""
     lengths, rows, device = batch.lengths, batch.rows, batch.device
     kv = StaticKV.from_prompts(batch.caches, lengths, [i for i, _ in rows], max(lengths) + max_new_tokens)
     batch.caches = []
     step_fn = DecodeStep(_lm(batch.model), kv, torch.tensor([lengths[i] for i, _ in rows], device=device), graph)
-    tokens = _pick(batch.first, temperature, top_p, batch.generators)
     active = list(range(len(rows)))  # the live rows; active[a] sits in slot slots[a]
+    tokens = batch.pick(batch.first, active)
     slots = list(range(len(rows)))
     live = None  # the live slots as an index on the device, while some slots are not live
     for step in range(max_new_tokens):
-        keep = batch.take(active, tokens, step, max_new_tokens, stop)
+        keep = batch.take(active, tokens, step, max_new_tokens)
         if not keep:
             break
         if len(keep) < len(active):
@@ -211,8 +258,7 @@ def _decode_static(batch: Batch, temperature, top_p, max_new_tokens, stop, graph
         for s, t in zip(slots, tokens):
             fed[s] = t
         logits = step_fn(torch.tensor(fed, device=device))
-        tokens = _pick(logits if live is None else logits[live], temperature, top_p,
-                       [batch.generators[r] for r in active])
+        tokens = batch.pick(logits if live is None else logits[live], active)
     return batch.samples()
 
 

@@ -94,9 +94,17 @@ class HFGenerator:
         finally:
             self.seconds += time.perf_counter() - start
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: str | None = None) -> list[list[Generated]]:
+    def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: str | None = None,
+                 exclude: list[list[list[int]]] | None = None) -> list[list[Generated]]:
+        """``sampling.n`` answers per prompt; ``exclude``: per prompt, the ``ids`` of answers it drew before, left out
+        (shared-prefix sampling only)."""
+        if exclude is not None and not self.prefix_sharing:
+            raise ValueError("leaving out earlier programs needs shared-prefix sampling; this model samples with "
+                             f"transformers' generate ({supports(self.model) or 'prefix sharing turned off'})")
         with self._running(adapter):
-            return self._sample(prompts, sampling) if self.prefix_sharing else self._generate(prompts, sampling)
+            if self.prefix_sharing:
+                return self._sample(prompts, sampling, exclude)
+            return self._generate(prompts, sampling)
 
     def _generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Generated]]:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
@@ -122,17 +130,18 @@ class HFGenerator:
                 out.append(answers)
         return out
 
-    def _sample(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Generated]]:
+    def _sample(self, prompts: list[list[int]], sampling: Sampling,
+                exclude: list[list[list[int]]] | None) -> list[list[Generated]]:
         drawn = sample(self.model, prompts, sampling.n, sampling.temperature, sampling.top_p,
                        sampling.max_new_tokens, self.stop_ids, sampling.seed, sampling.batch_size, self.device,
-                       sampling.decode)
+                       sampling.decode, exclude)
         out = []
         for answers in drawn:
             row = []
             for seq in answers:
                 n = len(seq) + (len(seq) < sampling.max_new_tokens)  # the stop token counts when it came
                 self.tokens += n
-                row.append(Generated(self.tokenizer.decode(seq), n))
+                row.append(Generated(self.tokenizer.decode(seq), n, ids=seq))
             out.append(row)
         return out
 

@@ -196,20 +196,31 @@ REST_SEED = 7_919  # the rest's samples come from a stream apart from the first 
 
 
 def sample_programs(task: Task, encoder, generator, sampling: Sampling, pool: SandboxPool, adapter: str | None = None,
-                    known: list[dict] = ()) -> Programs:
+                    known: list[dict] = (), drawn: dict[str, list[list[int]]] | None = None) -> Programs:
     """``sampling.n`` programs for a task, run. With ``--rest-samples`` R, the first n - R come from the task's
     prompt (with ``--split-colors``, shared out over its colours' parts, ``refine.color_tasks``) and the last R, in
     ``--rest-steps`` steps, from what the best partial program so far (among the programs before the step, and
     ``known``: hindsight lines of earlier rounds) leaves to do, each run before it (``refine``); from the task's
-    prompt again (another seed) when no program is partial."""
+    prompt again (another seed) when no program is partial.
+
+    ``drawn`` (``prompt_key`` -> token ids): what each prompt drew before; with it, no prompt draws a program it drew
+    before (``decoding.sample``'s ``exclude``), and what each prompt draws now is added to it."""
     prompt, rest, steps = code_prompt(task, encoder), sampling.rest_samples, sampling.rest_steps
     n_first = sampling.n - rest
     parts = (color_tasks(task)[:n_first] if rest and sampling.split_colors else []) or [(None, task)]
+
+    def draw(some_prompt: list[int], some: Sampling) -> list[Generated]:
+        if drawn is None:
+            return generator.generate([some_prompt], some, adapter)[0]
+        earlier = drawn.setdefault(prompt_key(some_prompt), [])
+        answers = generator.generate([some_prompt], some, adapter, exclude=[earlier])[0]
+        earlier += [g.ids for g in answers]
+        return answers
+
     ran = Programs([], [], [], 0, 0, 0.0)
     for k, (color, part) in enumerate(parts):
         first = replace(sampling, n=_share(n_first, len(parts), k), rest_samples=0)
-        more = run_programs(task, generator.generate([prompt if part is task else code_prompt(part, encoder)], first,
-                                                     adapter)[0], pool)
+        more = run_programs(task, draw(prompt if part is task else code_prompt(part, encoder), first), pool)
         if color is not None:
             for record in more.records:
                 record["written_for_color"] = color
@@ -222,8 +233,13 @@ def sample_programs(task: Task, encoder, generator, sampling: Sampling, pool: Sa
                                       encoder)
         second = replace(sampling, n=_share(rest, steps, step), seed=sampling.seed + REST_SEED * (step + 1),
                          rest_samples=0)
-        ran = ran.extended(run_programs(task, generator.generate([step_prompt], second, adapter)[0], pool, then))
+        ran = ran.extended(run_programs(task, draw(step_prompt, second), pool, then))
     return ran
+
+
+def prompt_key(prompt: list[int]) -> str:
+    """A prompt's name in ``drawn``: the digest of its token ids."""
+    return hashlib.sha256(np.asarray(prompt, dtype=np.int64).tobytes()).hexdigest()[:24]
 
 
 def _share(total: int, parts: int, k: int) -> int:
