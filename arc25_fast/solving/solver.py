@@ -203,16 +203,18 @@ def sample_programs(task: Task, encoder, generator, sampling: Sampling, pool: Sa
     ``known``: hindsight lines of earlier rounds) leaves to do, each run before it (``refine``); from the task's
     prompt again (another seed) when no program is partial.
 
-    ``drawn`` (``prompt_key`` -> token ids): what each prompt drew before; with it, no prompt draws a program it drew
-    before (``decoding.sample``'s ``exclude``), and what each prompt draws now is added to it."""
+    ``drawn`` (``prompt_key`` -> token ids): what each prompt drew before, for the partial program it runs before;
+    with it, no prompt draws a program it drew before for the same use (``decoding.sample``'s ``exclude``), and what
+    each draws now is added to it. A colour's part and the rest of the other colours' call can be the same prompt:
+    a program drawn for the part, run alone, can still be drawn for the rest, joined."""
     prompt, rest, steps = code_prompt(task, encoder), sampling.rest_samples, sampling.rest_steps
     n_first = sampling.n - rest
     parts = (color_tasks(task)[:n_first] if rest and sampling.split_colors else []) or [(None, task)]
 
-    def draw(some_prompt: list[int], some: Sampling) -> list[Generated]:
+    def draw(some_prompt: list[int], some: Sampling, then: str | None = None) -> list[Generated]:
         if drawn is None:
             return generator.generate([some_prompt], some, adapter)[0]
-        earlier = drawn.setdefault(prompt_key(some_prompt), [])
+        earlier = drawn.setdefault(prompt_key(some_prompt, then), [])
         answers = generator.generate([some_prompt], some, adapter, exclude=[earlier])[0]
         earlier += [g.ids for g in answers]
         return answers
@@ -233,13 +235,16 @@ def sample_programs(task: Task, encoder, generator, sampling: Sampling, pool: Sa
                                       encoder)
         second = replace(sampling, n=_share(rest, steps, step), seed=sampling.seed + REST_SEED * (step + 1),
                          rest_samples=0)
-        ran = ran.extended(run_programs(task, draw(step_prompt, second), pool, then))
+        ran = ran.extended(run_programs(task, draw(step_prompt, second, then), pool, then))
     return ran
 
 
-def prompt_key(prompt: list[int]) -> str:
-    """A prompt's name in ``drawn``: the digest of its token ids."""
-    return hashlib.sha256(np.asarray(prompt, dtype=np.int64).tobytes()).hexdigest()[:24]
+def prompt_key(prompt: list[int], then: str | None = None) -> str:
+    """A prompt's name in ``drawn``: the digest of its token ids and of the partial program its programs run before."""
+    digest = hashlib.sha256(np.asarray(prompt, dtype=np.int64).tobytes())
+    if then is not None:
+        digest.update(b"\0then\0" + then.encode())
+    return digest.hexdigest()[:24]
 
 
 def _share(total: int, parts: int, k: int) -> int:
