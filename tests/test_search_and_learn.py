@@ -20,6 +20,7 @@ from arc25_fast.data.sources import load_tasks
 from arc25_fast.data.synthetic import run_code, synthetic_code_tasks, synthetic_tasks
 from arc25_fast.data.tasks import Task
 from arc25_fast.runtime.task_queue import TaskQueue
+from arc25_fast.solving.solver import prompt_key
 
 SMALL = ["--synthetic-max-calls", "1", "--synthetic-min-side", "3", "--synthetic-max-side", "6",
          "--synthetic-noise", "0"]
@@ -205,6 +206,17 @@ def test_resume_after_kill_9_continues_at_the_next_round_with_the_same_answers(p
             assert x["candidates"] == y["candidates"] and x["attempts"] == y["attempts"]
             assert (x["learning"] or {}).get("losses") == (y["learning"] or {}).get("losses")
     assert json.loads((straight / "submission.json").read_text()) == json.loads((out / "submission.json").read_text())
+
+
+def test_what_a_prompt_drew_is_kept_apart_by_the_partial_program_it_runs_before():
+    """A colour's part and the rest of the other colour's call can be one prompt: what it drew for the part (run
+    alone) is not left out of what it draws for the rest (run before the partial program)."""
+    prompt = [5, 17, 33, 8]
+    alone, before_a, before_b = prompt_key(prompt), prompt_key(prompt, "def task(img): A"), prompt_key(
+        prompt, "def task(img): B")
+    assert len({alone, before_a, before_b}) == 3
+    assert alone == prompt_key(list(prompt)) and before_a == prompt_key(prompt, "def task(img): A")
+    assert prompt_key(prompt + [0]) != alone
 
 
 @pytest.mark.slow
