@@ -11,7 +11,8 @@
 # folder on PYTHONPATH; bubblewrap is unpacked from its .deb when there is no bwrap. The sections: the GPU tests; the
 # training step at the Qwen2.5-Coder-0.5B shape (full and LoRA, DeepSpeed and the local engine, 8k/16k/64k-token
 # micro-batches: tokens/s, MFU, peak memory, step split, syncs, a profiler summary); TRL side by side; sampling
-# (shared prefix against generate, K = 1, 8, 32); the search-and-learn time split; sandbox programs/s on all cores.
+# (shared prefix against generate, K = 1, 8, 32; sampling without replacement against plain); the search-and-learn
+# time split; sandbox programs/s on all cores.
 # A section that runs past its box is cut and the report says so; the others go on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -100,7 +101,7 @@ else
   echo "| trl side by side | $((90 * SCALE)) | skipped: trl and datasets are not installed (.whl/ has none) | 0 |" >> "$REPORT"
 fi
 [ -f "$OUT/trl/report.json" ] && cp "$OUT/trl/report.json" "$OUT/trl.json"
-section "sampling" 90 "$PY" benchmarks/decoding_speed.py --model "$MODEL" --tokenizer "$TOK" --sections sampling \
+section "sampling" 90 "$PY" benchmarks/decoding_speed.py --model "$MODEL" --tokenizer "$TOK" --sections sampling,fresh \
   --ks "$KS" --batch-sizes 1 --max-new-tokens "$NEW" --max-tasks "$TASKS" --json "$OUT/sampling.json"
 section "search-and-learn" 75 "$PY" -m arc25_fast.cli search-and-learn --tasks "synthetic:$TASKS:7" --model "$MODEL" \
   --tokenizer "$TOK" --rounds 2 --samples "$SAMPLES" --ttt-steps "$LEARN" --max-steps "$LEARN" --max-new-tokens "$NEW" \

@@ -58,6 +58,11 @@ def sampling(report: dict) -> list[str]:
             cells.append(f"{fmt(m['generated_tokens_per_s'])} ({fmt(m.get('vs_generate'), '.2f')}x)" if "seconds" in m
                          else m.get("error", "-"))
         lines.append(f"| {r['k']} | " + " | ".join(cells) + " |")
+    if report.get("fresh"):
+        lines += ["", "sampling without replacement (`--fresh-programs`): K more samples leaving out K drawn before",
+                  "", "| K | time vs plain | repeats of an earlier sample: plain / fresh |", "|---|---|---|"]
+        lines += [f"| {r['k']} | {r['fresh_vs_plain']:.2f}x | {r['plain_repeats']} / {r['fresh_repeats']} of "
+                  f"{r['samples']} |" for r in report["fresh"]]
     return lines
 
 

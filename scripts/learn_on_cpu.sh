@@ -11,7 +11,8 @@ OUT=runs/learn-cpu
 SAMPLE=(--verify-samples 0 --temperature 1.0 --max-new-tokens 128)
 BLACK=(--synthetic-max-calls 1 --synthetic-min-side 3 --synthetic-max-side 6 --synthetic-noise 0
        --synthetic-background 0)
-SEARCH=(--lr 0.002 --warmup-steps 1 --max-steps 4 --max-tokens 4096 --hindsight-per-task 16 --stop-when-solved)
+# learning between rounds at part 3's rate: at 0.002 it cost rounds 1-2 tasks (docs/SEARCH.md)
+SEARCH=(--lr 0.0002 --warmup-steps 1 --max-steps 4 --max-tokens 4096 --hindsight-per-task 16 --stop-when-solved)
 # of 8 programs, 4 go on from the best partial one, in 2 steps; the first 4 are written for each colour's changes apart
 # where a task's outputs change cells to several colours (solving/refine.py)
 REST=(--rest-samples 4 --rest-steps 2 --split-colors)

@@ -21,9 +21,9 @@ The answers are the evaluate ranking over every round's programs. Each finished 
 ``<task_id>/rounds.jsonl`` (its programs' answers, its hindsight tasks, the token ids each prompt drew, its
 statistics) after the weights it ends with are saved, so ``--resume`` after ``kill -9`` continues at the first
 unfinished round with exactly those weights and earlier programs, and a seeded run gives the same answers whether or
-not it was stopped. ``<task_id>/task.json`` marks a
-finished task. ``search_summary.json`` and ``submission.json`` are rebuilt from the finished tasks after each one,
-``hindsight.jsonl`` (every task's own ``<task_id>/hindsight.jsonl``) at the end of the run.
+not it was stopped. ``<task_id>/task.json`` marks a finished task. ``search_summary.json`` and ``submission.json``
+are rebuilt from the finished tasks after each one, ``hindsight.jsonl`` (every task's own
+``<task_id>/hindsight.jsonl``) at the end of the run.
 
 Programs only: output-grid prompts are not searched (``evaluate --prompt-kind output`` samples grids; ``ttt``
 trains on demo pairs).
