@@ -142,7 +142,7 @@ class Batch:
         self.first = torch.stack([first[i] for i, _ in self.rows])
         self.generators = [row_generator(seed, prompts[i], k, device) for i, k in self.rows]
         self.nodes: list[drawn.Node | None] = [tries[i] for i, _ in self.rows]  # where each row is in its trie
-        self.following = sum(node is not None for node in self.nodes)  # rows still following an earlier completion
+        self.excluding = any(t is not None for t in tries)
         self.done: list[list[int]] = [[] for _ in self.rows]
 
     def trie(self, earlier: list[list[int]], first: torch.Tensor, cache, length: int, max_new_tokens: int
@@ -153,12 +153,7 @@ class Batch:
         root, picking = drawn.build(earlier, max_new_tokens), self.picking
         longest = max(1, max(len(a) for a in earlier))
         group = max(1, min(8, TRIE_LOGITS // (longest * first.shape[-1])))
-        for b in range(0, len(earlier), group):
-            some = earlier[b:b + group]
-            width = max(1, max(len(a) for a in some))
-            ids = torch.tensor([a + [picking.stop_ids[0]] * (width - len(a)) for a in some], device=self.device)
-            positions = torch.arange(length, length + width, device=self.device).expand(len(some), -1)
-            out, _ = _forward(self.model, ids, _repeat(cache, len(some)), positions)
+        for some, out in _continued(self.model, cache, length, earlier, group, self.device):
             for r, a in enumerate(some):
                 drawn.observe(root, a, torch.cat([first[None], out[r, :len(a)]]), picking.temperature, picking.top_p,
                               picking.stop_ids)
@@ -172,7 +167,7 @@ class Batch:
         if picking.temperature <= 0:
             return logits.argmax(-1).tolist()
         probs = drawn.probabilities(logits, picking.temperature, picking.top_p)
-        if self.following:
+        if self.excluding:
             probs = drawn.leave_out(probs, [self.nodes[r] for r in active], picking.stop_ids)
         # each row draws from its own generator (the same samples whatever the batch); one read of all rows' tokens
         return torch.cat([torch.multinomial(probs[a], 1, generator=self.generators[r])
@@ -184,7 +179,6 @@ class Batch:
         for a, (r, t) in enumerate(zip(active, tokens)):
             if (node := self.nodes[r]) is not None:
                 self.nodes[r] = node.children.get(t)
-                self.following -= self.nodes[r] is None
             if t in self.stop:
                 continue
             self.done[r].append(t)
@@ -315,13 +309,7 @@ def score(model, prompt: list[int], answers: list[list[int]], device: torch.devi
     logits, cache = _forward(model, torch.tensor([prompt], device=device), None)
     first = torch.log_softmax(logits[0, -1], -1)
     scores = []
-    for b in range(0, len(answers), batch_size):
-        group = answers[b:b + batch_size]
-        width = max(len(a) for a in group)
-        shared = _repeat(cache, len(group))
-        ids = torch.tensor([a + [a[-1]] * (width - len(a)) for a in group], device=device)  # right-padded
-        positions = torch.arange(len(prompt), len(prompt) + width, device=device).expand(len(group), -1)
-        out, _ = _forward(model, ids, shared, positions)
+    for group, out in _continued(model, cache, len(prompt), answers, batch_size, device):
         lp = torch.log_softmax(out, -1)
         for r, a in enumerate(group):
             total = float(first[a[0]])
@@ -329,6 +317,18 @@ def score(model, prompt: list[int], answers: list[list[int]], device: torch.devi
                 total += float(lp[r, torch.arange(len(a) - 1), torch.tensor(a[1:], device=device)].sum())
             scores.append(total)
     return scores
+
+
+def _continued(model, cache, length: int, answers: list[list[int]], batch_size: int, device: torch.device):
+    """Each group of at most ``batch_size`` answers run on copies of a prompt's prefilled cache (``length``
+    positions), right-padded with each answer's last token: (the group, logits ``[rows, width, vocab]``)."""
+    for b in range(0, len(answers), batch_size):
+        group = answers[b:b + batch_size]
+        width = max(1, max(len(a) for a in group))
+        ids = torch.tensor([a + [a[-1] if a else 0] * (width - len(a)) for a in group], device=device)
+        positions = torch.arange(length, length + width, device=device).expand(len(group), -1)
+        out, _ = _forward(model, ids, _repeat(cache, len(group)), positions)
+        yield group, out
 
 
 def _repeat(cache, rows: int):
