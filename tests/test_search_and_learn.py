@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from conftest import invoke
 
+from arc25_fast.cli import main
 from arc25_fast.commands.search_and_learn import pixel_accuracy, select_hindsight
 from arc25_fast.data.options import SyntheticConfig
 from arc25_fast.data.sources import load_tasks
@@ -240,6 +242,31 @@ def test_fresh_programs_never_draws_again_what_a_prompt_drew_in_an_earlier_round
                 assert not drawn.setdefault(key, set()) & {tuple(x) for x in ids}
                 drawn[key] |= {tuple(x) for x in ids}
     assert changed > 0
+
+
+@pytest.mark.slow
+def test_no_learn_rounds_only_search(program_model, tmp_path):
+    """--no-learn: every round samples, runs and relabels, none fine-tunes; later rounds still draw new programs."""
+    out = tmp_path / "run"
+    invoke(search_args(program_model, out, "--no-learn"))
+    for i in range(3):
+        task_id = f"synthetic-1000-000{i}"
+        rounds = rounds_of(out, task_id)
+        assert [r["round"] for r in rounds] == [1, 2]
+        assert all(r["learning"] is None and r["weights"] is None and r["hindsight_examples"] == 0 for r in rounds)
+        assert not (out / task_id / "adapter").exists()
+        drawn = [{tuple(x) for ids in r["drawn"].values() for x in ids} for r in rounds]
+        assert len(drawn[1]) == 6 and not drawn[0] & drawn[1]
+    assert json.loads((out / "search_summary.json").read_text())["hindsight_lines"] > 0
+
+
+def test_no_learn_with_demo_weight_is_one_line_before_any_work(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["search-and-learn", "--tasks", "synthetic:2:1000", "--no-learn",
+                                       "--demo-weight", "0.5", "--output-dir", str(out)])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and "--demo-weight" in lines[0] and "--no-learn" in lines[0], lines
+    assert not (out / "config.json").exists()
 
 
 def _free_port() -> int:

@@ -79,6 +79,9 @@ class SearchOptions:
                          "fine-tune the task's adapter on their hindsight tasks.", min=1)
     ttt_steps: int = option(0, "Test-time training steps on the task's demo pairs (leave-one-out, as ttt) before its "
                             "first round (0: none).", min=0)
+    learn: bool = option(True, "Fine-tune between rounds on their hindsight tasks (--no-learn: rounds only search; "
+                         "each still draws new programs and goes on from the best partial program of every round "
+                         "before; docs/SEARCH.md measures what learning adds).")
     hindsight_per_task: int = option(16, "Most hindsight tasks a task learns from: one per distinct set of outputs "
                                      "over all its rounds so far, chosen by --hindsight-select.", min=1)
     hindsight_select: str = option("best-and-worst", "Which hindsight tasks a round learns from, by pixel accuracy "

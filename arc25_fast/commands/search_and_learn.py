@@ -12,8 +12,8 @@ then ``--rounds`` rounds of
 3. one hindsight task per distinct set of outputs (the inputs, the outputs the program really produced, the
    program), pooled over the rounds so far; at most ``--hindsight-per-task`` kept, half the best and half the worst
    by pixel accuracy on the demo outputs (or the best only: ``--hindsight-select best``),
-4. but after the last round: fine-tune on them (optionally mixed with the task's demo pairs), optimizer reset in
-   place, the weights carried on to the next round.
+4. but after the last round (and unless ``--no-learn``): fine-tune on them (optionally mixed with the task's demo
+   pairs), optimizer reset in place, the weights carried on to the next round.
 
 With ``--stop-when-solved`` a task ends after the first round with a program right on every demo pair.
 
@@ -241,7 +241,7 @@ class Searcher:
         entries += fresh
         scores = score_task(task, candidates)
         chosen, learned, weights = [], None, None
-        if round_ < cfg.search.rounds and not self.ends(bool(scores["train_correct"])):
+        if cfg.search.learn and round_ < cfg.search.rounds and not self.ends(bool(scores["train_correct"])):
             chosen = select_hindsight(entries, cfg.search.hindsight_per_task, cfg.search.hindsight_select)
             if chosen:
                 hindsight = [CodeTask(f"{task.task_id}/hindsight{k}", [np.array(g, dtype=np.uint8) for g in e["inputs"]],
@@ -400,6 +400,9 @@ def check_inputs(cfg: SearchConfig, s: Started) -> tuple[list[Task], object]:
     if cfg.search.fresh_programs and cfg.sampling.temperature <= 0:
         raise ConfigError("--fresh-programs leaves earlier programs out of a sampled distribution: it needs "
                           "--temperature above 0 (greedy decoding: give --no-fresh-programs)")
+    if cfg.search.demo_weight and not cfg.search.learn:
+        raise ConfigError("--demo-weight weighs the demo pairs in the learning between rounds, and --no-learn has "
+                          "none: give one or the other")
     tasks, report = load_tasks(cfg.tasks.source, cfg.data.skip_invalid, synthetic=cfg.synthetic)
     if report.skipped:
         note(f"{cfg.tasks.source}: skipped {len(report.skipped)} invalid task(s), first: {report.skipped[0]}", s.rank)
